@@ -1,0 +1,55 @@
+# fedlearn: `make demo` runs the main job, `make test` runs every check.
+# Both install what they need first (venv, pinned packages, Fashion-MNIST).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: install data demo test check lint typecheck unit integration bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Debian's dataset-fashion-mnist puts the real data in /usr/share/datasets.
+data:
+	@if [ -f $(FMNIST) ] || [ -f "$${FEDLEARN_DATA:-$$HOME/.cache/fedlearn}/fashion-mnist/train-images-idx3-ubyte.gz" ]; then \
+		echo "fashion-mnist: found"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist \
+		|| echo "warning: could not install dataset-fashion-mnist; see 'fedlearn datasets'"; \
+	else \
+		echo "warning: no apt-get; run '$(BIN)/fedlearn datasets fetch fashion-mnist'"; \
+	fi
+
+demo: install data
+	$(BIN)/fedlearn centralized --dataset fashion-mnist --model mlp --epochs 5
+	$(BIN)/fedlearn local --dataset fashion-mnist --clients 6 --partition iid --epochs 5
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/pytest tests/unit -q
+
+integration: install data
+	$(BIN)/pytest tests/integration -q
+
+check: lint typecheck unit integration
+
+test: install data check
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The ``fedlearn`` command line (typer). Nothing in the package imports this layer."""

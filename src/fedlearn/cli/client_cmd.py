@@ -1,0 +1,132 @@
+"""The ``client`` command: one client process that trains for a ``fedlearn server``."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedlearn.cli.common import (
+    BatchOpt,
+    DatasetOpt,
+    LrOpt,
+    MomentumOpt,
+    OptimizerOpt,
+    WdOpt,
+    console,
+    set_threads,
+)
+from fedlearn.errors import ConfigError
+
+
+def default_client_id() -> str:
+    """``<hostname>-<pid>``: unique per process on a machine."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def read_token(token: str | None, token_file: Path | None) -> str:
+    """The join token from exactly one of --token and --token-file (file stripped)."""
+    if (token is None) == (token_file is None):
+        raise ConfigError("pass exactly one of --token and --token-file with the join token "
+                          "`fedlearn server` printed.")
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the token file {token_file} ({exc}); check "
+                              "--token-file.") from exc
+    text = (token or "").strip()
+    if not text:
+        raise ConfigError("the join token is empty; pass the token `fedlearn server` printed.")
+    return text
+
+
+def client(
+    server: Annotated[
+        str, typer.Option("--server", help="Server URL, e.g. http://10.0.0.5:8000.")
+    ],
+    client_id: Annotated[
+        str | None, typer.Option("--client-id", help="Name of this client (default host-pid).")
+    ] = None,
+    dataset: DatasetOpt = "fashion-mnist",
+    partition: Annotated[
+        str,
+        typer.Option("--partition", "-p",
+                     help="This client's data: iid:N:I, dirichlet:ALPHA:N:I, shards:K:N:I "
+                          "(part I of N, 0-based) or range:L-R."),
+    ] = "iid:1:0",
+    partition_seed: Annotated[
+        int, typer.Option("--partition-seed", help="Seed of the partition (same on every "
+                                                   "client).")
+    ] = 0,
+    local_epochs: Annotated[
+        int, typer.Option("--local-epochs", help="Passes over the local data per round.")
+    ] = 1,
+    batch_size: BatchOpt = 32,
+    optimizer: OptimizerOpt = "adam",
+    lr: LrOpt = 1e-3,
+    momentum: MomentumOpt = 0.0,
+    weight_decay: WdOpt = 0.0,
+    token: Annotated[
+        str | None, typer.Option("--token", help="The join token the server printed.")
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option("--token-file", help="A file holding the join token.")
+    ] = None,
+    ca_file: Annotated[
+        Path | None, typer.Option("--ca-file", help="PEM certificate to trust (https servers).")
+    ] = None,
+    max_retries: Annotated[
+        int, typer.Option("--max-retries", help="Retries of a call while the server is down.")
+    ] = 30,
+    max_wait: Annotated[
+        float, typer.Option("--max-wait", help="Longest pause between retries (seconds).")
+    ] = 10.0,
+    poll_wait: Annotated[
+        float, typer.Option("--poll-wait", help="Long-poll time for a task (seconds, <= 60).")
+    ] = 30.0,
+    slowdown: Annotated[
+        float, typer.Option("--slowdown", help="For benchmarks: stretches local training "
+                                               "time by this factor.")
+    ] = 1.0,
+    threads: Annotated[
+        int, typer.Option("--threads", help="CPU threads for torch (default 1 per client).")
+    ] = 1,
+) -> None:
+    """Join a server's run: train on local data each round and send the updates."""
+    from fedlearn.client.remote import RemoteServer
+    from fedlearn.client.worker import WorkerConfig, run_worker
+    from fedlearn.config import TrainConfig
+    from fedlearn.data import parse_partition
+
+    if threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}.")
+    if ca_file is not None and not ca_file.exists():
+        raise ConfigError(f"CA file {ca_file} does not exist; check --ca-file.")
+    join_token = read_token(token, token_file)
+    parse_partition(partition)
+    train = TrainConfig(epochs=local_epochs, batch_size=batch_size, optimizer=optimizer,
+                        lr=lr, momentum=momentum, weight_decay=weight_decay)
+    config = WorkerConfig(
+        server=server, client_id=client_id if client_id is not None else default_client_id(),
+        dataset=dataset, partition=partition, train=train, token=join_token,
+        partition_seed=partition_seed, poll_wait=poll_wait, max_retries=max_retries,
+        max_wait=max_wait, slowdown=slowdown,
+        ca_file=None if ca_file is None else str(ca_file),
+    )
+    set_threads(threads)
+
+    def log(line: str) -> None:
+        console.print(line, markup=False, highlight=False)
+
+    with RemoteServer(config.server, config.token, ca_file=config.ca_file,
+                      poll_wait=config.poll_wait) as remote:
+        console.print(f"client {config.client_id}: {dataset} partition {partition} -> "
+                      f"{remote.url}", markup=False, highlight=False)
+        summary = run_worker(config, remote, log=log)
+    console.print(f"client {config.client_id} finished: {summary.rounds_trained} updates "
+                  f"accepted, {summary.updates_refused} refused, last round "
+                  f"{summary.last_round}.", markup=False, highlight=False)

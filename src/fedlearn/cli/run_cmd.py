@@ -1,0 +1,246 @@
+"""``fedlearn run``: a server and N client processes on 127.0.0.1, with a progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import typer
+
+from fedlearn.cli.common import (
+    BatchOpt,
+    LrOpt,
+    MomentumOpt,
+    OptimizerOpt,
+    console,
+    pct,
+    progress_bar,
+)
+from fedlearn.cli.server_cmds import (
+    FractionOpt,
+    MinResultsOpt,
+    RoundTimeoutOpt,
+    SaveEveryOpt,
+    ServerLrOpt,
+    StrategyOpt,
+)
+from fedlearn.errors import ConfigError, FedlearnError
+
+START_TIMEOUT = 120.0
+
+
+class ProcessFailed(FedlearnError):
+    """A server or client process of ``fedlearn run`` failed."""
+
+    exit_code = 1
+
+
+def client_partition(spec: str, clients: int, index: int) -> str:
+    """Client ``index``'s share of ``spec`` among ``clients`` (``iid`` -> ``iid:N:I``)."""
+    from fedlearn.data import parse_partition
+
+    parsed = parse_partition(spec)
+    if parsed.part is not None:
+        raise ConfigError(
+            f"--partition {spec} already names one part; give the whole split "
+            "(iid, dirichlet:A or shards:K) and fedlearn run hands out the parts."
+        )
+    if parsed.kind == "range":
+        raise ConfigError(
+            "range:L-R is one client's chunk; start clients by hand with "
+            "`fedlearn client --partition range:L-R`, or use iid, dirichlet:A or shards:K."
+        )
+    return f"{spec}:{clients}:{index}"
+
+
+def run(
+    clients: Annotated[int, typer.Option("--clients", "-n", help="Client processes.")] = 3,
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset.")] = "fashion-mnist",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model.")] = "mlp",
+    rounds: Annotated[int, typer.Option("--rounds", help="Rounds to run.")] = 10,
+    partition: Annotated[str, typer.Option("--partition", "-p",
+                         help="iid, dirichlet:A or shards:K, split among the clients.")] = "iid",
+    local_epochs: Annotated[int, typer.Option("--local-epochs", help="Epochs per round.")] = 1,
+    batch_size: BatchOpt = 32,
+    optimizer: OptimizerOpt = "adam",
+    lr: LrOpt = 1e-3,
+    momentum: MomentumOpt = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Run seed.")] = 0,
+    fraction: FractionOpt = None,
+    min_results: MinResultsOpt = None,
+    round_timeout: RoundTimeoutOpt = None,
+    strategy: StrategyOpt = None,
+    server_lr: ServerLrOpt = None,
+    save_every: SaveEveryOpt = None,
+    slowdown: Annotated[list[str] | None, typer.Option(
+        "--slowdown", help="For benchmarks: INDEX=FACTOR slows client INDEX (repeatable).")]
+    = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.")] = None,
+) -> None:
+    """Start a server and N clients on 127.0.0.1 and run a federated training to the end."""
+    from fedlearn.runs import default_run_dir
+
+    if clients < 1:
+        raise ConfigError(f"--clients must be at least 1, got {clients}.")
+    parts = [client_partition(partition, clients, i) for i in range(clients)]
+    slow = _parse_slowdown(slowdown or [], clients)
+    run_dir = Path(out or default_run_dir("run"))
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir} is not empty; choose another --out.")
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    exe = [sys.executable, "-m", "fedlearn.cli.main"]
+    server_cmd = [
+        *exe, "server", "--host", "127.0.0.1", "--port", "0", "--out", str(run_dir),
+        "--dataset", dataset, "--model", model, "--rounds", str(rounds),
+        "--min-clients", str(clients), "--seed", str(seed),
+    ]
+    for flag, value in (("--fraction", fraction), ("--min-results", min_results),
+                        ("--round-timeout", round_timeout), ("--strategy", strategy),
+                        ("--server-lr", server_lr), ("--save-every", save_every)):
+        if value is not None:
+            server_cmd += [flag, str(value)]
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    files: list[IO[bytes]] = []
+
+    def spawn(name: str, cmd: list[str]) -> None:
+        fh = (logs / f"{name}.log").open("wb")
+        files.append(fh)
+        procs[name] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+
+    console.print(f"fedlearn run: 1 server + {clients} clients, {model} on {dataset}, "
+                  f"{rounds} rounds -> {run_dir}")
+    try:
+        spawn("server", server_cmd)
+        url = _wait_for_endpoint(run_dir, procs["server"])
+        console.print(f"server at {url} (logs in {logs})")
+        for i in range(clients):
+            spawn(f"client-{i}", [
+                *exe, "client", "--server", url, "--client-id", f"client-{i}",
+                "--token-file", str(run_dir / "join-token"), "--dataset", dataset,
+                "--partition", parts[i], "--partition-seed", str(seed),
+                "--local-epochs", str(local_epochs), "--batch-size", str(batch_size),
+                "--optimizer", optimizer, "--lr", str(lr), "--momentum", str(momentum),
+                "--slowdown", str(slow.get(i, 1.0)),
+            ])
+        _follow(run_dir, procs, rounds)
+    except KeyboardInterrupt:
+        console.print("interrupted: stopping the server and clients")
+        _stop_all(procs)
+        raise
+    finally:
+        _stop_all(procs, grace=10.0)
+        for fh in files:
+            fh.close()
+    failed = {n: p.returncode for n, p in procs.items() if p.returncode != 0}
+    summary_path = run_dir / "summary.json"
+    if failed or not summary_path.exists():
+        what = ", ".join(f"{n} (exit {c})" for n, c in sorted(failed.items())) or "the server"
+        raise ProcessFailed(f"{what} failed; see the logs in {logs}.")
+    summary = json.loads(summary_path.read_text())
+    console.print(
+        f"final test accuracy {pct(summary['final_accuracy'])} after {summary['rounds']} "
+        f"rounds; median {summary.get('median_round_seconds') or 0:.2f}s per round; "
+        f"run directory {run_dir}"
+    )
+
+
+def _parse_slowdown(items: list[str], clients: int) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for item in items:
+        try:
+            idx, factor = item.split("=", 1)
+            out[int(idx)] = float(factor)
+        except ValueError as exc:
+            raise ConfigError(
+                f"--slowdown {item!r} must look like INDEX=FACTOR, e.g. 0=5."
+            ) from exc
+        if not 0 <= int(idx) < clients or float(factor) < 1:
+            raise ConfigError(f"--slowdown {item!r}: index must be < {clients}, factor >= 1.")
+    return out
+
+
+def _wait_for_endpoint(run_dir: Path, server: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + START_TIMEOUT
+    path = run_dir / "server.json"
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise ProcessFailed(
+                f"the server exited with code {server.returncode} before listening; "
+                f"see {run_dir / 'logs' / 'server.log'}."
+            )
+        if path.exists():
+            with contextlib.suppress(ValueError, KeyError):
+                return str(json.loads(path.read_text())["url"])
+        time.sleep(0.05)
+    raise ProcessFailed(f"the server did not start within {START_TIMEOUT:.0f}s.")
+
+
+def _follow(run_dir: Path, procs: dict[str, subprocess.Popen[bytes]], rounds: int) -> None:
+    """Show progress from metrics.jsonl until the server exits."""
+    metrics = run_dir / "metrics.jsonl"
+    seen = 0
+    reported: set[str] = set()
+    server = procs["server"]
+    with progress_bar("rounds", rounds) as bar:
+        while True:
+            records = _read_records(metrics)
+            for r in records[seen:]:
+                bar.set(r["round"], (
+                    f"acc {pct(r['accuracy'])}  clients {r['clients']}/{r['sampled']}"))
+            seen = max(seen, len(records))
+            if server.poll() is not None:
+                break
+            for n, p in procs.items():
+                if n != "server" and n not in reported and p.poll() not in (None, 0):
+                    reported.add(n)
+                    console.print(f"[yellow]{n} exited with code {p.returncode}; the server "
+                                  "carries on without it[/]")
+            if all(p.poll() is not None for n, p in procs.items() if n != "server"):
+                # Clients leave when told the run is over; the server follows shortly.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    server.wait(timeout=30)
+                if server.poll() is not None:
+                    continue
+                raise ProcessFailed(
+                    f"every client exited before the run finished; see the logs in "
+                    f"{run_dir / 'logs'}."
+                )
+            time.sleep(0.2)
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
+def _stop_all(procs: dict[str, subprocess.Popen[bytes]], grace: float = 5.0) -> None:
+    """Let clients exit on their own for ``grace`` seconds, then terminate, then kill."""
+    deadline = time.monotonic() + grace
+    for p in procs.values():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs.values():
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGTERM)
+    for p in procs.values():
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait(timeout=5)

@@ -1,0 +1,360 @@
+"""The HTTP side of a client: :class:`RemoteServer` speaks ``docs/protocol.md``.
+
+This is the only client module that uses httpx, and it imports httpx only
+when a :class:`RemoteServer` is made, so the training loop in
+:mod:`fedlearn.client.worker` (which needs the message types, the
+:class:`ServerUnavailable` error and :func:`with_retries` from here) never
+loads it.
+
+Status codes map onto the exception tree: ``401`` is :class:`AuthError`,
+``409`` is :class:`ConflictError`, any other ``4xx`` is :class:`RemoteError`
+carrying the server's ``detail`` sentence, and a refused connection, a
+timeout or a ``5xx`` is :class:`ServerUnavailable`, the one error that
+:func:`with_retries` retries.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fedlearn.errors import AuthError, ConfigError, ConflictError, RemoteError
+from fedlearn.types import Weights
+from fedlearn.weights import decode, encode
+
+if TYPE_CHECKING:
+    import httpx
+
+T = TypeVar("T")
+
+#: Longest long-poll the protocol allows (``GET /api/task?wait=S``, S at most 60).
+MAX_POLL_WAIT = 60.0
+#: Seconds allowed to open a connection.
+CONNECT_TIMEOUT = 5.0
+#: Seconds added to the long-poll wait before a read counts as timed out.
+READ_MARGIN = 30.0
+ACTIONS = ("train", "wait", "done")
+METRIC_KEYS = ("train_loss", "train_accuracy", "seconds")
+
+
+class ServerUnavailable(RemoteError):
+    """The server could not be reached, timed out, or answered with a 5xx status.
+
+    ``url`` is the server's base URL; :func:`with_retries` names it when it gives up.
+    """
+
+    def __init__(self, message: str, url: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The answer to ``POST /api/register``: our credential and what the run is."""
+
+    client_id: str
+    credential: str = field(repr=False)
+    run_id: str
+    mode: str
+    dataset: str
+    model: str
+    rounds: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """The answer to ``GET /api/task``: ``train`` (with round, version, seed), ``wait`` or
+    ``done``. ``round``, ``version`` and ``seed`` are 0 unless the action is ``train``."""
+
+    action: str
+    round: int = 0
+    version: int = 0
+    seed: int = 0
+
+
+def backoff_delay(k: int, *, base: float, max_wait: float) -> float:
+    """The longest sleep before retry ``k`` (0-based): ``min(max_wait, base * 2**k)``."""
+    return min(max_wait, base * 2.0 ** min(k, 64))
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    max_retries: int,
+    max_wait: float,
+    base: float = 0.5,
+    rng: random.Random | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    on_retry: Callable[[int, float, ServerUnavailable], None] | None = None,
+) -> T:
+    """Call ``fn`` and retry it with jittered exponential backoff while the server is down.
+
+    Only :class:`ServerUnavailable` is retried; every other error propagates at
+    once. Before retry ``k`` (0-based) it sleeps a uniform time in
+    ``[d_k / 2, d_k]`` with ``d_k = min(max_wait, base * 2**k)``, and calls
+    ``on_retry(k + 1, seconds, error)`` first. ``fn`` is tried at most
+    ``max_retries + 1`` times; if every try fails it raises :class:`RemoteError`
+    saying the server could not be reached. Each call starts again from ``d_0``.
+
+    With the defaults (``max_retries=30``, ``max_wait=10``, ``base=0.5``) the 30
+    sleeps are 0.5, 1, 2, 4, 8 and then 25 x 10 seconds at most: a client gives
+    up after between 132.75 s (best case, every sleep at its lower bound) and
+    265.5 s (worst case, every sleep at its upper bound) of sleeping, plus the
+    time the failed tries themselves took; so a server restart of a minute or
+    two is ridden out.
+    """
+    if max_retries < 0:
+        raise ConfigError(f"max retries must be >= 0, got {max_retries}.")
+    if not max_wait > 0 or not base > 0:
+        raise ConfigError(f"backoff waits must be positive, got max_wait={max_wait}, "
+                          f"base={base}.")
+    rand = rng if rng is not None else random.Random()
+    k = 0
+    while True:
+        try:
+            return fn()
+        except ServerUnavailable as exc:
+            if k >= max_retries:
+                where = exc.url or "the given URL"
+                raise RemoteError(
+                    f"could not reach the server at {where} after {k + 1} tries; check that "
+                    "`fedlearn server` is running and --server is right."
+                ) from exc
+            delay = backoff_delay(k, base=base, max_wait=max_wait)
+            seconds = rand.uniform(delay / 2.0, delay)
+            if on_retry is not None:
+                on_retry(k + 1, seconds, exc)
+            sleep(seconds)
+            k += 1
+
+
+def _ssl_context(ca_file: str | Path) -> ssl.SSLContext:
+    path = Path(ca_file)
+    try:
+        if path.is_dir():
+            return ssl.create_default_context(capath=str(path))
+        return ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot use CA file {path} ({exc}); pass the PEM certificate the server uses "
+            "with --ca-file."
+        ) from exc
+
+
+def _detail(response: httpx.Response) -> str:
+    """The server's one-sentence ``detail``, or the start of the body when there is none."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if isinstance(detail, list):  # FastAPI's validation errors: [{"loc": [...], "msg": ...}]
+        parts = [
+            f"{'.'.join(str(x) for x in d.get('loc', []))}: {d.get('msg', d)}"
+            if isinstance(d, dict) else str(d)
+            for d in detail
+        ]
+        return "; ".join(parts) + "."
+    if detail is not None:
+        return str(detail)
+    text = response.text.strip()
+    return text[:200] if text else f"HTTP {response.status_code} {response.reason_phrase}"
+
+
+def _number(text: float) -> str:
+    """A query value: integral floats without a fractional part (``30`` not ``30.0``)."""
+    return str(int(text)) if float(text).is_integer() else repr(float(text))
+
+
+class RemoteServer:
+    """One fedlearn server, reached over HTTP(S) with one ``httpx.Client``.
+
+    ``token`` is the join token, sent to ``/api/register``; every later call
+    carries the credential that registration returned. ``ca_file`` is a PEM
+    file (or directory) of certificates to trust for an https server.
+    ``transport`` replaces the network (``httpx.MockTransport`` in tests).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        ca_file: str | Path | None = None,
+        poll_wait: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        import httpx
+
+        self._httpx = httpx
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise ConfigError(f"server URL {url!r} is not valid ({exc}); pass e.g. "
+                              "--server http://10.0.0.5:8000.") from exc
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ConfigError(f"server URL {url!r} must start with http:// or https:// and "
+                              "name a host; pass e.g. --server http://10.0.0.5:8000.")
+        if not token:
+            raise ConfigError("the join token is empty; pass the token `fedlearn server` "
+                              "printed with --token or --token-file.")
+        self.url = url.rstrip("/")
+        self._token = token
+        self.credential: str | None = None
+        verify: ssl.SSLContext | bool = True if ca_file is None else _ssl_context(ca_file)
+        self._client = httpx.Client(
+            base_url=self.url,
+            verify=verify,
+            timeout=httpx.Timeout(max(poll_wait, 0.0) + READ_MARGIN, connect=CONNECT_TIMEOUT),
+            transport=transport,
+            headers={"Accept": "application/json"},
+        )
+
+    def __enter__(self) -> RemoteServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._client.close()
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        bearer: str,
+        params: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
+        httpx = self._httpx
+        all_headers = {"Authorization": f"Bearer {bearer}", **(headers or {})}
+        try:
+            response = self._client.request(
+                method, path, params=params, content=content, headers=all_headers,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.TransportError as exc:
+            kind = type(exc).__name__
+            raise ServerUnavailable(
+                f"the server at {self.url} did not answer {method} {path} ({kind}: {exc}).",
+                self.url,
+            ) from exc
+        code = response.status_code
+        if code < 400:
+            return response
+        detail = _detail(response)
+        if code >= 500:
+            raise ServerUnavailable(
+                f"the server at {self.url} answered {code} to {method} {path}: {detail}",
+                self.url,
+            )
+        if code == 401:
+            raise AuthError(detail)
+        if code == 409:
+            raise ConflictError(detail)
+        raise RemoteError(f"the server refused {method} {path} ({code}): {detail}")
+
+    def _json(self, response: httpx.Response, what: str) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise RemoteError(f"the server's answer to {what} is not a JSON object; check that "
+                              f"{self.url} is a fedlearn server.")
+        return body
+
+    def _bearer(self) -> str:
+        return self.credential if self.credential is not None else self._token
+
+    def register(self, client_id: str, num_examples: int) -> Registration:
+        """``POST /api/register`` with the join token; keeps and returns the credential."""
+        payload = {"client_id": client_id, "num_examples": int(num_examples)}
+        body = self._json(self._request(
+            "POST", "/api/register", bearer=self._token, content=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+        ), "register")
+        try:
+            reg = Registration(
+                client_id=str(body.get("client_id", client_id)),
+                credential=str(body["credential"]),
+                run_id=str(body["run_id"]),
+                mode=str(body["mode"]),
+                dataset=str(body["dataset"]),
+                model=str(body["model"]),
+                rounds=int(body["rounds"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RemoteError(f"the server's registration answer lacks a valid {exc}; check "
+                              "that the server runs the same fedlearn version.") from exc
+        self.credential = reg.credential
+        return reg
+
+    def next_task(self, wait: float) -> Task:
+        """``GET /api/task?wait=S``: long-poll up to ``wait`` seconds (at most 60) for work."""
+        httpx = self._httpx
+        seconds = min(max(float(wait), 0.0), MAX_POLL_WAIT)
+        body = self._json(self._request(
+            "GET", "/api/task", bearer=self._bearer(), params={"wait": _number(seconds)},
+            timeout=httpx.Timeout(seconds + READ_MARGIN, connect=CONNECT_TIMEOUT),
+        ), "task")
+        action = body.get("action")
+        if action not in ACTIONS:
+            raise RemoteError(f"the server sent an unknown task action {action!r}; use the same "
+                              "fedlearn version on server and clients.")
+        if action != "train":
+            return Task(action=str(action))
+        try:
+            return Task(action="train", round=int(body["round"]), version=int(body["version"]),
+                        seed=int(body["seed"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RemoteError(f"the server sent a train task without a valid {exc}; use the "
+                              "same fedlearn version on server and clients.") from exc
+
+    def get_model(self) -> tuple[Weights, int]:
+        """``GET /api/model``: the global weights and their version (``X-Fedlearn-Version``)."""
+        response = self._request("GET", "/api/model", bearer=self._bearer(),
+                                 headers={"Accept": "application/octet-stream"})
+        raw = response.headers.get("X-Fedlearn-Version")
+        try:
+            version = int(raw) if raw is not None else -1
+        except ValueError:
+            version = -1
+        if version < 0:
+            raise RemoteError(f"the server's model has no valid X-Fedlearn-Version header "
+                              f"(got {raw!r}); use the same fedlearn version on server and "
+                              "clients.")
+        return decode(response.content), version
+
+    def submit_update(
+        self, round: int, delta: Weights, num_examples: int, metrics: Mapping[str, float]
+    ) -> None:
+        """``POST /api/update``: the delta as safetensors, with round, count and metrics.
+
+        Only the finite ``train_loss``, ``train_accuracy`` and ``seconds`` metrics are sent.
+        """
+        params = {"round": str(int(round)), "num_examples": str(int(num_examples))}
+        for key in METRIC_KEYS:
+            value = metrics.get(key)
+            if value is not None and math.isfinite(float(value)):
+                params[key] = repr(float(value))
+        self._request("POST", "/api/update", bearer=self._bearer(), params=params,
+                      content=encode(delta),
+                      headers={"Content-Type": "application/octet-stream"})
+
+    def status(self) -> dict[str, Any]:
+        """``GET /api/status``: the run's state, round and accuracy history."""
+        return self._json(self._request("GET", "/api/status", bearer=self._bearer()), "status")
+

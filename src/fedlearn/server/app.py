@@ -1,0 +1,264 @@
+"""The thin web layer: ``create_app(coordinator)`` wraps a coordinator in FastAPI.
+
+Long-polls hold no thread (they wait on an asyncio event); decoding,
+validation, aggregation and evaluation run in the thread pool so the event
+loop keeps serving other clients.
+
+(No ``from __future__ import annotations`` here: FastAPI reads the handlers'
+annotations at run time, and they name dependencies local to ``create_app``.)
+"""
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from fedlearn.errors import AuthError, FedlearnError, PayloadError, PayloadTooLargeError
+from fedlearn.server.coordinator import SyncCoordinator
+from fedlearn.server.store import hash_secret
+from fedlearn.weights import decode
+
+log = logging.getLogger("fedlearn.server")
+
+MAX_POLL_SECONDS = 60.0
+
+
+class Hub:
+    """Wakes every long-poll and the driver when the coordinator's state changes.
+
+    ``notify`` may be called from any thread.
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.event = asyncio.Event()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Attach to the running loop (events must be made inside it)."""
+        self.loop = loop
+        self.event = asyncio.Event()
+
+    def notify(self) -> None:
+        """Thread-safe: wake everything waiting on the current event."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        old, self.event = self.event, asyncio.Event()
+        old.set()
+
+
+def _bearer(authorization: str | None) -> str:
+    if not authorization or not authorization.startswith("Bearer "):
+        raise AuthError("missing 'Authorization: Bearer <token>' header; pass the run's token.")
+    return authorization[len("Bearer ") :].strip()
+
+
+def create_app(
+    coordinator: SyncCoordinator,
+    *,
+    join_token: str,
+    run_id: str,
+    info: dict[str, Any] | None = None,
+    max_update_bytes: int | None = None,
+    on_done: Any = None,
+) -> FastAPI:
+    """A FastAPI app serving the protocol of docs/protocol.md for ``coordinator``."""
+    hub = Hub()
+    previous = coordinator.on_change
+
+    def on_change() -> None:
+        previous()
+        hub.notify()
+
+    coordinator.on_change = on_change
+    token_digest = hash_secret(join_token)
+    limit = max_update_bytes or coordinator.config.max_update_bytes
+    details = dict(info or {})
+    acknowledged: set[str] = set()
+    done_event = asyncio.Event()
+
+    async def drive() -> None:
+        """Run the coordinator's steps whenever something changed or a deadline passed."""
+        while not coordinator.done:
+            event = hub.event
+            try:
+                while await run_in_threadpool(coordinator.step):
+                    pass
+            except Exception:  # keep serving; the next change or tick retries
+                log.exception("round step failed; retrying")
+                await asyncio.sleep(1.0)
+            if coordinator.done:
+                break
+            wait = coordinator.seconds_to_deadline()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=5.0 if wait is None else wait + 0.01)
+        done_event.set()
+        if on_done is not None:
+            await run_in_threadpool(on_done)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        hub.bind(asyncio.get_running_loop())
+        nonlocal done_event
+        done_event = asyncio.Event()
+        app.state.done_event = done_event
+        driver = asyncio.create_task(drive())
+        try:
+            yield
+        finally:
+            driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await driver
+
+    app = FastAPI(
+        title="fedlearn server",
+        version="1",
+        description="Federated averaging over HTTP. See docs/protocol.md.",
+        lifespan=lifespan,
+    )
+    app.state.coordinator = coordinator
+    app.state.acknowledged = acknowledged
+
+    @app.exception_handler(FedlearnError)
+    async def fedlearn_error(request: Request, exc: FedlearnError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        return JSONResponse(
+            {"detail": f"bad request ({'; '.join(parts)}); see docs/protocol.md."},
+            status_code=422,
+        )
+
+    def join_auth(authorization: Annotated[str | None, Header()] = None) -> None:
+        if not hmac.compare_digest(hash_secret(_bearer(authorization)), token_digest):
+            raise AuthError("wrong join token; use the token the server printed.")
+
+    def client_auth(authorization: Annotated[str | None, Header()] = None) -> str:
+        return coordinator.authenticate(_bearer(authorization))
+
+    def any_auth(authorization: Annotated[str | None, Header()] = None) -> None:
+        secret = _bearer(authorization)
+        if hmac.compare_digest(hash_secret(secret), token_digest):
+            return
+        coordinator.authenticate(secret)
+
+    @app.post("/api/register", dependencies=[Depends(join_auth)])
+    async def register(request: Request) -> dict[str, Any]:
+        """Register a client with the join token; returns its credential."""
+        body = await _read_body(request, 64 * 1024)
+        try:
+            import json
+
+            payload = json.loads(body or b"{}")
+        except ValueError as exc:
+            raise PayloadError("register body must be JSON like {\"client_id\": \"a\"}.") from exc
+        if not isinstance(payload, dict) or not isinstance(payload.get("client_id"), str):
+            raise PayloadError("register body must be JSON with a string client_id.")
+        n = payload.get("num_examples")
+        if n is not None and (not isinstance(n, int) or n < 0):
+            raise PayloadError("num_examples must be a non-negative integer.")
+        credential = await run_in_threadpool(coordinator.register, payload["client_id"], n)
+        return {
+            "client_id": payload["client_id"],
+            "credential": credential,
+            "run_id": run_id,
+            "mode": "sync",
+            "rounds": coordinator.config.rounds,
+            "dataset": coordinator.config.dataset,
+            "model": coordinator.config.model,
+            **details,
+        }
+
+    @app.get("/api/task")
+    async def task(
+        client_id: Annotated[str, Depends(client_auth)],
+        wait: Annotated[float, Query(ge=0)] = 30.0,
+    ) -> dict[str, Any]:
+        """Long-poll for the next task: train, wait or done."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(wait, MAX_POLL_SECONDS)
+        while True:
+            event = hub.event
+            current = coordinator.poll(client_id)
+            if current.action == "done":
+                acknowledged.add(client_id)
+            remaining = deadline - loop.time()
+            if current.action != "wait" or remaining <= 0:
+                return current.to_json()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=remaining)
+
+    @app.get("/api/model", dependencies=[Depends(client_auth)])
+    async def model() -> Response:
+        """The global model as safetensors bytes."""
+        data, version = await run_in_threadpool(coordinator.model_bytes)
+        return Response(
+            content=data,
+            media_type="application/octet-stream",
+            headers={"X-Fedlearn-Version": str(version), "X-Fedlearn-Run": run_id},
+        )
+
+    @app.post("/api/update")
+    async def update(
+        request: Request,
+        client_id: Annotated[str, Depends(client_auth)],
+        round: Annotated[int, Query(ge=1)],
+        num_examples: Annotated[int, Query(ge=1)],
+        train_loss: float | None = None,
+        train_accuracy: float | None = None,
+        seconds: float | None = None,
+    ) -> dict[str, Any]:
+        """Upload one round's delta (safetensors body)."""
+        body = await _read_body(request, limit)
+        delta = await run_in_threadpool(decode, body, coordinator.spec, max_bytes=limit)
+        metrics = {
+            k: float(v)
+            for k, v in (("train_loss", train_loss), ("train_accuracy", train_accuracy),
+                         ("seconds", seconds))
+            if v is not None
+        }
+        await run_in_threadpool(
+            coordinator.submit, client_id, round, delta, num_examples, metrics
+        )
+        return {"accepted": True, "round": round}
+
+    @app.get("/api/status", dependencies=[Depends(any_auth)])
+    async def status() -> dict[str, Any]:
+        """Run id, state, round, clients and accuracy history."""
+        return {"run_id": run_id, **coordinator.status()}
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing it as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(
+            f"body of {declared} bytes is over the limit of {limit}; send the run's model only."
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(
+                f"body is over the limit of {limit} bytes; send the run's model only."
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,344 @@
+"""Synchronous FedAvg rounds, with no web code: clock, evaluator and store are passed in.
+
+Thread-safe: HTTP handlers call :meth:`register`, :meth:`poll` and
+:meth:`submit` from many threads or an event loop, and a driver calls
+:meth:`step` whenever something changed or a deadline may have passed. Locks
+are held only for bookkeeping and for folding one delta into the running sum;
+evaluation and checkpointing run outside them.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedlearn.config import ServerConfig
+from fedlearn.errors import AuthError, ConflictError, PayloadError
+from fedlearn.seeding import task_seed
+from fedlearn.server.store import Store, hash_secret
+from fedlearn.strategies import StrategyState, make_strategy, sample_clients
+from fedlearn.types import EvalResult, Weights
+from fedlearn.weights import RunningSum, Spec, check, encode, spec_of
+
+Evaluator = Callable[[Weights], EvalResult]
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a client should do next."""
+
+    action: str  # "train" | "wait" | "done"
+    round: int = 0
+    version: int = 0
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON body sent to the client."""
+        if self.action != "train":
+            return {"action": self.action}
+        return {"action": "train", "round": self.round, "version": self.version, "seed": self.seed}
+
+
+WAIT = Task("wait")
+DONE = Task("done")
+
+
+@dataclass
+class _Client:
+    client_id: str
+    credential_hash: str
+    num_examples: int | None = None
+    online: bool = False  # seen since this server process started
+    dropped: bool = False  # missed a round deadline and not seen since
+    last_seen: float = 0.0
+
+
+@dataclass
+class _Round:
+    number: int
+    attempt: int
+    sampled: frozenset[str]
+    deadline: float
+    started: float
+    sums: RunningSum = field(default_factory=RunningSum)
+    received: dict[str, int] = field(default_factory=dict)
+    train_loss: float = 0.0
+
+
+class SyncCoordinator:
+    """Runs ``config.rounds`` rounds of sampling, local training and FedAvg."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        initial: Weights,
+        *,
+        store: Store,
+        evaluator: Evaluator,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[], None] | None = None,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.evaluator = evaluator
+        self.clock = clock
+        self.on_change = on_change or (lambda: None)
+        self.on_round = on_round or (lambda record: None)
+        self.strategy = make_strategy(config.strategy, server_lr=config.server_lr)
+        self.spec: Spec = spec_of(initial)
+        self._lock = threading.Lock()
+        self._clients: dict[str, _Client] = {}
+        self._by_credential: dict[str, str] = {}
+        for row in store.clients():
+            self._add_client(_Client(row.client_id, row.credential_hash, row.num_examples))
+        resumed = store.latest_checkpoint()
+        if resumed is not None:
+            version, weights = resumed
+            check(weights, self.spec)
+            store.truncate_rounds(version)
+            self.state = StrategyState(weights=weights, version=version)
+        else:
+            self.state = self.strategy.init(initial)
+        self.history: list[dict[str, Any]] = store.rounds()
+        self.phase = "done" if self.state.version >= config.rounds else "waiting"
+        self._round: _Round | None = None
+        self._closing = False
+        self._started_once = False
+        self._model_cache: tuple[int, bytes] | None = None
+
+    # -- clients ----------------------------------------------------------------
+    def _add_client(self, client: _Client) -> None:
+        old = self._clients.get(client.client_id)
+        if old is not None:
+            self._by_credential.pop(old.credential_hash, None)
+        self._clients[client.client_id] = client
+        self._by_credential[client.credential_hash] = client.client_id
+
+    def register(self, client_id: str, num_examples: int | None = None) -> str:
+        """Register (or re-register) a client; returns its new credential."""
+        if not client_id or len(client_id) > 128 or not client_id.isprintable():
+            raise PayloadError("client_id must be 1 to 128 printable characters.")
+        credential = secrets.token_urlsafe(32)
+        digest = hash_secret(credential)
+        self.store.upsert_client(client_id, digest, num_examples)
+        with self._lock:
+            self._add_client(
+                _Client(client_id, digest, num_examples, online=True, last_seen=self.clock())
+            )
+        self.on_change()
+        return credential
+
+    def authenticate(self, credential: str) -> str:
+        """The client id a credential belongs to; AuthError if none."""
+        cid = self._by_credential.get(hash_secret(credential))
+        if cid is None:
+            raise AuthError(
+                "unknown client credential; register again with the run's join token."
+            )
+        return cid
+
+    # -- polling and model ------------------------------------------------------
+    def poll(self, client_id: str) -> Task:
+        """The client's next task now (``wait`` when there is none yet)."""
+        changed = False
+        with self._lock:
+            client = self._clients[client_id]
+            changed = not client.online or client.dropped
+            client.online, client.dropped, client.last_seen = True, False, self.clock()
+            task = self._task_for(client_id)
+        if changed:
+            self.on_change()
+        return task
+
+    def _task_for(self, client_id: str) -> Task:
+        if self.phase == "done":
+            return DONE
+        rnd = self._round
+        if (
+            rnd is None
+            or self._closing
+            or client_id not in rnd.sampled
+            or client_id in rnd.received
+        ):
+            return WAIT
+        return Task(
+            "train", rnd.number, self.state.version,
+            task_seed(self.config.seed, rnd.number, client_id),
+        )
+
+    def model_bytes(self) -> tuple[bytes, int]:
+        """The global model as safetensors bytes and its version (encoded once per version)."""
+        with self._lock:
+            state = self.state
+            cached = self._model_cache
+        if cached is None or cached[0] != state.version:
+            cached = (state.version, encode(state.weights))
+            with self._lock:
+                self._model_cache = cached
+        return cached[1], cached[0]
+
+    # -- updates ----------------------------------------------------------------
+    def submit(
+        self,
+        client_id: str,
+        round_number: int,
+        delta: Weights,
+        num_examples: int,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        """Fold one client's delta into the round; ConflictError if it does not belong."""
+        check(delta, self.spec)
+        if num_examples < 1:
+            raise PayloadError(f"num_examples must be at least 1, got {num_examples}.")
+        with self._lock:
+            rnd = self._round
+            if self.phase == "done":
+                raise ConflictError("the run is over; no more updates are taken.")
+            if rnd is None or self._closing or rnd.number != round_number:
+                current = "none" if rnd is None or self._closing else str(rnd.number)
+                raise ConflictError(
+                    f"round {round_number} is not open (the open round is {current}); "
+                    "fetch a new task."
+                )
+            if client_id not in rnd.sampled:
+                raise ConflictError(
+                    f"client {client_id} was not sampled for round {round_number}; "
+                    "wait for a task."
+                )
+            if client_id in rnd.received:
+                raise ConflictError(
+                    f"client {client_id} already sent its update for round {round_number}."
+                )
+            rnd.sums.add(delta, float(num_examples))
+            rnd.received[client_id] = num_examples
+            if metrics and "train_loss" in metrics:
+                rnd.train_loss += float(metrics["train_loss"]) * num_examples
+            complete = len(rnd.received) == len(rnd.sampled)
+        if complete:
+            self.on_change()
+
+    # -- the driver -------------------------------------------------------------
+    def seconds_to_deadline(self) -> float | None:
+        """Seconds until the open round's deadline (None when no round is open)."""
+        with self._lock:
+            if self._round is None or self._closing:
+                return None
+            return max(0.0, self._round.deadline - self.clock())
+
+    def step(self) -> bool:
+        """Do whatever is due: start a round, close one, or rerun one. True if it did."""
+        with self._lock:
+            if self.phase == "done" or self._closing:
+                return False
+            now = self.clock()
+            rnd = self._round
+            if rnd is None:
+                return self._start_round_locked(self.state.version + 1, attempt=0)
+            complete = len(rnd.received) == len(rnd.sampled)
+            expired = now >= rnd.deadline
+            if not complete and not expired:
+                return False
+            if not complete:
+                for cid in rnd.sampled - rnd.received.keys():
+                    self._clients[cid].dropped = True
+            if len(rnd.received) < self.config.min_results:
+                self._round = None
+                self._start_round_locked(rnd.number, attempt=rnd.attempt + 1)
+                self.on_change()
+                return True
+            self._closing = True
+        self._close_round(rnd, now)
+        return True
+
+    def _start_round_locked(self, number: int, attempt: int) -> bool:
+        candidates = [c.client_id for c in self._clients.values() if c.online and not c.dropped]
+        # Each server process waits for --min-clients before its first round (so a
+        # resumed run samples as the uninterrupted one would); later rounds go on
+        # with whoever is still there.
+        needed = 1 if self._started_once else self.config.min_clients
+        if len(candidates) < needed:
+            self.phase = "waiting"
+            return False
+        sampled = sample_clients(
+            candidates, self.config.fraction, seed=self.config.seed,
+            round_number=number, attempt=attempt, minimum=self.config.min_results,
+        )
+        now = self.clock()
+        self._round = _Round(
+            number, attempt, frozenset(sampled), now + self.config.round_timeout, now
+        )
+        self.phase = "training"
+        self._started_once = True
+        self.on_change()
+        return True
+
+    def _close_round(self, rnd: _Round, now: float) -> None:
+        try:
+            new_state = self.strategy.apply(self.state, rnd.sums)
+            result = self.evaluator(new_state.weights)
+            examples = sum(rnd.received.values())
+            record = {
+                "round": rnd.number,
+                "accuracy": result.accuracy,
+                "loss": result.loss,
+                "seconds": self.clock() - rnd.started,
+                "clients": len(rnd.received),
+                "sampled": len(rnd.sampled),
+                "examples": examples,
+                "attempts": rnd.attempt + 1,
+                "train_loss": rnd.train_loss / examples if examples else None,
+            }
+            save = rnd.number % self.config.save_every == 0 or rnd.number >= self.config.rounds
+            self.store.commit_round(record, new_state.weights if save else None, {})
+        except BaseException:
+            with self._lock:
+                self._closing = False
+            raise
+        with self._lock:
+            self.state = new_state
+            self.history.append(record)
+            self._round = None
+            self._closing = False
+            if new_state.version >= self.config.rounds:
+                self.phase = "done"
+            else:
+                self._start_round_locked(new_state.version + 1, attempt=0)
+        self.on_round(record)
+        self.on_change()
+
+    # -- status -----------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """A JSON-able snapshot for ``GET /api/status``."""
+        with self._lock:
+            rnd = self._round
+            return {
+                "mode": "sync",
+                "state": self.phase,
+                "round": rnd.number if rnd is not None else self.state.version,
+                "version": self.state.version,
+                "rounds": self.config.rounds,
+                "registered": len(self._clients),
+                "active": sum(1 for c in self._clients.values() if c.online and not c.dropped),
+                "sampled": sorted(rnd.sampled) if rnd is not None else [],
+                "received": len(rnd.received) if rnd is not None else 0,
+                "history": [
+                    {"round": h["round"], "accuracy": h["accuracy"], "loss": h["loss"]}
+                    for h in self.history
+                ],
+            }
+
+    @property
+    def weights(self) -> Weights:
+        """The current global model."""
+        with self._lock:
+            return self.state.weights
+
+    @property
+    def done(self) -> bool:
+        """True once every round has run."""
+        return self.phase == "done"

@@ -1,0 +1,247 @@
+"""Build and serve a run: data, model, store, coordinator, app, uvicorn on a socket.
+
+Writes ``server.json`` (URL, pid) and ``join-token`` (mode 600) into the run
+directory once listening, so scripts and ``fedlearn run`` can find the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlearn.config import ServerConfig, from_mapping
+from fedlearn.errors import ConfigError, RunStateError
+from fedlearn.fsutil import atomic_write_text
+from fedlearn.runs import RunDir
+from fedlearn.server.store import DB_NAME, Store
+
+log = logging.getLogger("fedlearn.server")
+
+TOKEN_FILE = "join-token"
+ENDPOINT_FILE = "server.json"
+DONE_GRACE_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How to serve (not part of the run: may change on resume)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+def prepare_run(
+    config: ServerConfig | None, out: Path | None, resume: Path | None
+) -> tuple[RunDir, ServerConfig, bool]:
+    """A new run directory for ``config``, or the existing one to resume."""
+    if resume is not None:
+        run = RunDir.open(resume)
+        saved = run.read_config()
+        if saved.get("mode") not in ("sync",) or "server" not in saved:
+            raise RunStateError(f"{resume} is not a federated server run; cannot resume it.")
+        return run, from_mapping(ServerConfig, saved["server"], where=str(resume)), True
+    if config is None:
+        raise ConfigError("no configuration given.")
+    if out is None:
+        from fedlearn.runs import default_run_dir
+
+        out = default_run_dir("server")
+    if (Path(out) / DB_NAME).exists():
+        raise RunStateError(f"{out} already holds a run; choose another --out, or --resume it.")
+    run = RunDir.create(
+        out, {"mode": config.mode, "run_id": uuid.uuid4().hex[:12],
+              "server": dataclasses.asdict(config)}
+    )
+    return run, config, False
+
+
+def join_token_for(run: RunDir, token_file: Path | None) -> str:
+    """The run's join token: from --token-file, else the run's saved one, else a new one."""
+    saved = run.path / TOKEN_FILE
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --token-file {token_file}: {exc.strerror}.") from exc
+        if len(token) < 8:
+            raise ConfigError(f"the token in {token_file} is shorter than 8 characters.")
+    elif saved.exists():
+        token = saved.read_text(encoding="utf-8").strip()
+    else:
+        token = secrets.token_urlsafe(24)
+    atomic_write_text(saved, token + "\n")
+    os.chmod(saved, 0o600)
+    return token
+
+
+def serve(
+    run: RunDir,
+    config: ServerConfig,
+    options: ServeOptions,
+    *,
+    resumed: bool,
+    announce: Callable[[str], None] = print,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Serve the run until every round is done; returns the summary."""
+    import uvicorn
+
+    from fedlearn.data import load_dataset
+    from fedlearn.models import build_model, get_weights
+    from fedlearn.server.app import create_app
+    from fedlearn.server.coordinator import SyncCoordinator
+    from fedlearn.training import Shard, evaluate
+
+    if (options.tls_cert is None) != (options.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together; pass both or neither.")
+    started = time.perf_counter()
+    ds = load_dataset(config.dataset)
+    model = build_model(config.model, ds.input_shape, ds.num_classes, seed=config.seed)
+    test = Shard.from_numpy(ds.x_test, ds.y_test)
+    eval_lock = threading.Lock()
+
+    def evaluator(weights: Any) -> Any:
+        with eval_lock:
+            return evaluate(model, test, weights)
+
+    store = Store(run.path)
+    run_id = str(run.read_config().get("run_id", "run"))
+    token = join_token_for(run, options.token_file)
+
+    def record_round(record: dict[str, Any]) -> None:
+        run.append_metrics(record)
+        if on_round is not None:
+            on_round(record)
+
+    coordinator = SyncCoordinator(
+        config, get_weights(model), store=store, evaluator=evaluator, on_round=record_round
+    )
+    if resumed:
+        # metrics.jsonl follows the database: rounds after the checkpoint are redone.
+        run.rewrite_metrics(coordinator.history)
+
+    server_box: list[uvicorn.Server] = []
+
+    def finish() -> None:
+        save_outputs(run, config, coordinator.weights, coordinator.history, started)
+
+    app = create_app(coordinator, join_token=token, run_id=run_id, on_done=finish)
+    sock = _bind(options.host, options.port)
+    port = sock.getsockname()[1]
+    scheme = "https" if options.tls_cert else "http"
+    url = f"{scheme}://{options.host}:{port}"
+    uv_config = uvicorn.Config(
+        app,
+        log_level="warning",
+        ssl_certfile=str(options.tls_cert) if options.tls_cert else None,
+        ssl_keyfile=str(options.tls_key) if options.tls_key else None,
+        timeout_keep_alive=75,
+        limit_concurrency=None,
+        backlog=4096,
+    )
+    server = uvicorn.Server(uv_config)
+    server_box.append(server)
+    atomic_write_text(
+        run.path / ENDPOINT_FILE,
+        json.dumps({"url": url, "pid": os.getpid(), "run_id": run_id}) + "\n",
+    )
+    announce(f"fedlearn server listening on {url}")
+    announce(f"join token: {token}")
+    where = "resuming after round " + str(coordinator.state.version) if resumed else "new run"
+    announce(f"run directory {run.path} ({where}); waiting for {config.min_clients} clients")
+
+    async def main() -> None:
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        done_event: asyncio.Event | None = getattr(app.state, "done_event", None)
+        if done_event is not None and not serving.done():
+            stop = asyncio.create_task(done_event.wait())
+            await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not serving.done():
+                await _grace(app, coordinator)
+                server.should_exit = True
+        await serving
+
+    try:
+        asyncio.run(main())
+    finally:
+        sock.close()
+        store.close()
+        (run.path / ENDPOINT_FILE).unlink(missing_ok=True)
+    if not coordinator.done:
+        raise RunStateError(
+            f"the server stopped before round {config.rounds}; resume with "
+            f"`fedlearn server --resume {run.path}`."
+        )
+    return run.read_summary()
+
+
+async def _grace(app: Any, coordinator: Any) -> None:
+    """Give online clients a moment to hear 'done' before the server goes away."""
+    deadline = time.monotonic() + DONE_GRACE_SECONDS
+    while time.monotonic() < deadline:
+        online = {c for c, rec in coordinator._clients.items() if rec.online}
+        if online <= app.state.acknowledged:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+
+
+def save_outputs(
+    run: RunDir, config: ServerConfig, weights: Any, history: list[dict[str, Any]],
+    started: float,
+) -> None:
+    """Write model.safetensors, summary.json and report.png at the end of a run."""
+    run.save_model(weights)
+    last = history[-1] if history else {}
+    run.write_summary({
+        "mode": config.mode,
+        "dataset": config.dataset,
+        "model": config.model,
+        "strategy": config.strategy,
+        "rounds": len(history),
+        "clients": max((h.get("clients", 0) for h in history), default=0),
+        "final_accuracy": last.get("accuracy"),
+        "final_loss": last.get("loss"),
+        "wall_seconds": time.perf_counter() - started,
+        "median_round_seconds": _median([h["seconds"] for h in history[1:] if h.get("seconds")]),
+    })
+    run.write_report(f"federated ({config.strategy}): {config.model} on {config.dataset}")
+
+
+def _median(xs: list[float]) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port or 0."
+        ) from exc
+    sock.set_inheritable(True)
+    return sock

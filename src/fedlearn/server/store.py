@@ -1,0 +1,187 @@
+"""SQLite records of a run (clients, rounds, metrics) and atomic model checkpoints.
+
+The database commit is the commit point of a round: the checkpoint file for
+version V is written (write, fsync, rename) *before* the transaction that says
+"checkpoint V" commits, so after a crash the recorded checkpoint always exists.
+The two newest checkpoint files are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlearn.errors import RunStateError
+from fedlearn.fsutil import atomic_write_bytes
+from fedlearn.types import Weights
+from fedlearn.weights import decode, encode
+
+DB_NAME = "run.sqlite"
+CHECKPOINTS = "checkpoints"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY,
+    credential_hash TEXT NOT NULL,
+    num_examples INTEGER,
+    registered_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    accuracy REAL, loss REAL, seconds REAL,
+    clients INTEGER, examples INTEGER, attempts INTEGER,
+    record TEXT NOT NULL,
+    finished_at REAL NOT NULL
+);
+"""
+
+
+def hash_secret(secret: str) -> str:
+    """SHA-256 of a token or credential; only hashes are stored."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ClientRow:
+    """A registered client as stored."""
+
+    client_id: str
+    credential_hash: str
+    num_examples: int | None
+
+
+class Store:
+    """One run's SQLite database and checkpoint folder (thread-safe)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / CHECKPOINTS
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.run_dir / DB_NAME, check_same_thread=False, isolation_level=None
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise RunStateError(f"cannot open the run database in {self.run_dir}: {exc}.") from exc
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    # -- meta -----------------------------------------------------------------
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store one JSON value under ``key``."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value))
+            )
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        """The JSON value under ``key``."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    # -- clients --------------------------------------------------------------
+    def upsert_client(self, client_id: str, credential_hash: str, num_examples: int | None) -> None:
+        """Record a (re-)registration."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?)",
+                (client_id, credential_hash, num_examples, time.time()),
+            )
+
+    def clients(self) -> list[ClientRow]:
+        """Every registered client."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT client_id, credential_hash, num_examples FROM clients ORDER BY client_id"
+            ).fetchall()
+        return [ClientRow(*r) for r in rows]
+
+    # -- rounds and checkpoints -----------------------------------------------
+    def commit_round(
+        self, record: dict[str, Any], weights: Weights | None, extra_meta: dict[str, Any]
+    ) -> None:
+        """Record one finished round; with ``weights``, checkpoint them first.
+
+        ``record`` needs ``round``; ``extra_meta`` is stored in the same transaction
+        (strategy state, counters).
+        """
+        version = int(record["round"])
+        if weights is not None:
+            atomic_write_bytes(self._checkpoint_path(version), encode(weights))
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.execute(
+                    "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        version, record.get("accuracy"), record.get("loss"),
+                        record.get("seconds"), record.get("clients"), record.get("examples"),
+                        record.get("attempts"), json.dumps(record), time.time(),
+                    ),
+                )
+                if weights is not None:
+                    cur.execute(
+                        "INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)",
+                        (json.dumps(version),),
+                    )
+                for key, value in extra_meta.items():
+                    cur.execute(
+                        "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value))
+                    )
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        if weights is not None:
+            self._prune_checkpoints(keep_from=version)
+
+    def rounds(self) -> list[dict[str, Any]]:
+        """Every recorded round's metrics record, in order."""
+        with self._lock:
+            rows = self._db.execute("SELECT record FROM rounds ORDER BY round").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def truncate_rounds(self, after: int) -> int:
+        """Forget rounds after ``after`` (they are redone on resume); returns how many."""
+        with self._lock:
+            cur = self._db.execute("DELETE FROM rounds WHERE round > ?", (after,))
+            return int(cur.rowcount)
+
+    def latest_checkpoint(self) -> tuple[int, Weights] | None:
+        """(version, weights) of the committed checkpoint, or None before the first."""
+        version = self.get_meta("checkpoint")
+        if version is None:
+            return None
+        path = self._checkpoint_path(int(version))
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise RunStateError(
+                f"checkpoint {path} is recorded but cannot be read ({exc.strerror}); "
+                "the run directory is damaged."
+            ) from exc
+        return int(version), decode(data, max_bytes=1 << 34)
+
+    def _checkpoint_path(self, version: int) -> Path:
+        return self.checkpoint_dir / f"global-{version:06d}.safetensors"
+
+    def _prune_checkpoints(self, keep_from: int) -> None:
+        files = sorted(self.checkpoint_dir.glob("global-*.safetensors"))
+        for path in files[:-2]:
+            path.unlink(missing_ok=True)
