@@ -95,6 +95,10 @@ def client(
     threads: Annotated[
         int, typer.Option("--threads", help="CPU threads for torch (default 1 per client).")
     ] = 1,
+    cpu_slot: Annotated[
+        Path | None, typer.Option("--cpu-slot", help="Lock file held while training, so "
+                                  "clients on one host take turns on its cores.")
+    ] = None,
 ) -> None:
     """Join a server's run: train on local data each round and send the updates."""
     from fedlearn.client.remote import RemoteServer
@@ -116,6 +120,7 @@ def client(
         partition_seed=partition_seed, poll_wait=poll_wait, max_retries=max_retries,
         max_wait=max_wait, slowdown=slowdown,
         ca_file=None if ca_file is None else str(ca_file),
+        cpu_slot=None if cpu_slot is None else str(cpu_slot),
     )
     set_threads(threads)
 

@@ -82,6 +82,9 @@ def run(
     slowdown: Annotated[list[str] | None, typer.Option(
         "--slowdown", help="For benchmarks: INDEX=FACTOR slows client INDEX (repeatable).")]
     = None,
+    concurrency: Annotated[int | None, typer.Option(
+        "--concurrency", help="At most this many clients train at once on this machine "
+        "(default: its core count when no --slowdown is given; 0: no limit).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.")] = None,
 ) -> None:
     """Start a server and N clients on 127.0.0.1 and run a federated training to the end."""
@@ -96,6 +99,11 @@ def run(
         raise ConfigError(f"{run_dir} is not empty; choose another --out.")
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    # Clients on one host take turns on its cores (one thread each), as separate
+    # machines would each have their own; --slowdown runs keep every client free.
+    slots = concurrency if concurrency is not None else (0 if slow else os.cpu_count() or 1)
+    if slots < 0:
+        raise ConfigError(f"--concurrency must be 0 or more, got {concurrency}.")
     exe = [sys.executable, "-m", "fedlearn.cli.main"]
     server_cmd = [
         *exe, "server", "--host", "127.0.0.1", "--port", "0", "--out", str(run_dir),
@@ -116,6 +124,8 @@ def run(
         procs[name] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
                                        start_new_session=True)
 
+    # A SIGTERM (from a supervisor or `timeout`) stops the children like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     console.print(f"fedlearn run: 1 server + {clients} clients, {model} on {dataset}, "
                   f"{rounds} rounds -> {run_dir}")
     try:
@@ -130,6 +140,7 @@ def run(
                 "--local-epochs", str(local_epochs), "--batch-size", str(batch_size),
                 "--optimizer", optimizer, "--lr", str(lr), "--momentum", str(momentum),
                 "--slowdown", str(slow.get(i, 1.0)),
+                *(["--cpu-slot", str(logs / f".cpu-slot-{i % slots}")] if slots else []),
             ])
         _follow(run_dir, procs, rounds)
     except KeyboardInterrupt:
@@ -151,6 +162,10 @@ def run(
         f"rounds; median {summary.get('median_round_seconds') or 0:.2f}s per round; "
         f"run directory {run_dir}"
     )
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _parse_slowdown(items: list[str], clients: int) -> dict[int, float]:

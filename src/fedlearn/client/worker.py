@@ -8,10 +8,12 @@ the same routine the simulator uses.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -72,6 +74,8 @@ class WorkerConfig:
     ``dirichlet:A:N:I``, ``shards:K:N:I`` or ``range:L-R``), cut with
     ``partition_seed``; every client of a run must use the same seed.
     ``slowdown`` > 1 stretches local training time (benchmarks only).
+    ``cpu_slot`` names a lock file held while training, so clients sharing a
+    host take turns on its cores instead of thrashing them.
     """
 
     server: str
@@ -86,6 +90,7 @@ class WorkerConfig:
     max_wait: float = 10.0
     slowdown: float = 1.0
     ca_file: str | None = None
+    cpu_slot: str | None = None
 
     def __post_init__(self) -> None:
         if not self.client_id.strip():
@@ -117,6 +122,20 @@ class WorkerSummary:
     rounds_trained: int
     updates_refused: int
     last_round: int
+
+
+@contextlib.contextmanager
+def cpu_slot(path: str | None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (no-op for None) for the duration."""
+    if path is None:
+        yield
+        return
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def run_worker(
@@ -242,10 +261,11 @@ class _Worker:
         weights = self.weights_for(task)
         if weights is None or self.model is None:
             return
-        result = local_update(
-            self.model, weights, self.shard, self.config.train, seed=task.seed,
-            base_version=task.version, slowdown=self.config.slowdown,
-        )
+        with cpu_slot(self.config.cpu_slot):
+            result = local_update(
+                self.model, weights, self.shard, self.config.train, seed=task.seed,
+                base_version=task.version, slowdown=self.config.slowdown,
+            )
         m = result.metrics
         line = (f"round {task.round}: {result.num_examples} examples, train loss "
                 f"{m['train_loss']:.4f}, accuracy {100.0 * m['train_accuracy']:.2f}%, "

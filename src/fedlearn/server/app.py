@@ -100,8 +100,12 @@ def create_app(
             if coordinator.done:
                 break
             wait = coordinator.seconds_to_deadline()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+            # cancellation that arrives just as the event is set, and the driver
+            # (and so the app's shutdown) would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout=5.0 if wait is None else wait + 0.01)
+                async with asyncio.timeout(5.0 if wait is None else wait + 0.01):
+                    await event.wait()
         done_event.set()
         if on_done is not None:
             await run_in_threadpool(on_done)
@@ -201,7 +205,8 @@ def create_app(
             if current.action != "wait" or remaining <= 0:
                 return current.to_json()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout=remaining)
+                async with asyncio.timeout(remaining):
+                    await event.wait()
 
     @app.get("/api/model", dependencies=[Depends(client_auth)])
     async def model() -> Response:

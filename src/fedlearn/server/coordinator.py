@@ -103,11 +103,16 @@ class SyncCoordinator:
             store.truncate_rounds(version)
             self.state = StrategyState(weights=weights, version=version)
         else:
+            # Rounds recorded before the first checkpoint are redone from the start.
+            store.truncate_rounds(0)
             self.state = self.strategy.init(initial)
         self.history: list[dict[str, Any]] = store.rounds()
         self.phase = "done" if self.state.version >= config.rounds else "waiting"
         self._round: _Round | None = None
+        self._attempt = 0  # of the next round to start (a rerun that had to wait keeps its count)
         self._closing = False
+        self._pending: list[tuple[StrategyState, dict[str, Any]]] = []
+        self._committing = False
         self._started_once = False
         self._model_cache: tuple[int, bytes] | None = None
 
@@ -232,13 +237,17 @@ class SyncCoordinator:
 
     def step(self) -> bool:
         """Do whatever is due: start a round, close one, or rerun one. True if it did."""
+        if self._commit_pending():
+            return True
         with self._lock:
             if self.phase == "done" or self._closing:
                 return False
             now = self.clock()
             rnd = self._round
             if rnd is None:
-                return self._start_round_locked(self.state.version + 1, attempt=0)
+                if self.state.version >= self.config.rounds:
+                    return False
+                return self._start_round_locked(self.state.version + 1, attempt=self._attempt)
             complete = len(rnd.received) == len(rnd.sampled)
             expired = now >= rnd.deadline
             if not complete and not expired:
@@ -256,11 +265,14 @@ class SyncCoordinator:
         return True
 
     def _start_round_locked(self, number: int, attempt: int) -> bool:
+        self._attempt = attempt
         candidates = [c.client_id for c in self._clients.values() if c.online and not c.dropped]
         # Each server process waits for --min-clients before its first round (so a
         # resumed run samples as the uninterrupted one would); later rounds go on
-        # with whoever is still there.
+        # with whoever is still there, but never with fewer than --min-results
+        # clients: such a round could only be thrown away.
         needed = 1 if self._started_once else self.config.min_clients
+        needed = max(needed, self.config.min_results)
         if len(candidates) < needed:
             self.phase = "waiting"
             return False
@@ -280,36 +292,68 @@ class SyncCoordinator:
     def _close_round(self, rnd: _Round, now: float) -> None:
         try:
             new_state = self.strategy.apply(self.state, rnd.sums)
-            result = self.evaluator(new_state.weights)
-            examples = sum(rnd.received.values())
-            record = {
-                "round": rnd.number,
-                "accuracy": result.accuracy,
-                "loss": result.loss,
-                "seconds": self.clock() - rnd.started,
-                "clients": len(rnd.received),
-                "sampled": len(rnd.sampled),
-                "examples": examples,
-                "attempts": rnd.attempt + 1,
-                "train_loss": rnd.train_loss / examples if examples else None,
-            }
-            save = rnd.number % self.config.save_every == 0 or rnd.number >= self.config.rounds
-            self.store.commit_round(record, new_state.weights if save else None, {})
         except BaseException:
             with self._lock:
                 self._closing = False
             raise
+        examples = sum(rnd.received.values())
+        record: dict[str, Any] = {
+            "round": rnd.number,
+            "seconds": self.clock() - rnd.started,
+            "clients": len(rnd.received),
+            "sampled": len(rnd.sampled),
+            "examples": examples,
+            "attempts": rnd.attempt + 1,
+            "train_loss": rnd.train_loss / examples if examples else None,
+        }
         with self._lock:
             self.state = new_state
-            self.history.append(record)
             self._round = None
             self._closing = False
-            if new_state.version >= self.config.rounds:
-                self.phase = "done"
-            else:
+            self._pending.append((new_state, record))
+            # The next round starts at once and this one is evaluated and committed
+            # while the clients train: the server's work is off the critical path.
+            # A crash before the commit resumes from the previous checkpoint and
+            # redoes this round, which gives the same model.
+            if new_state.version < self.config.rounds:
                 self._start_round_locked(new_state.version + 1, attempt=0)
+        self.on_change()
+        self._commit_pending()
+
+    def _commit_pending(self) -> bool:
+        """Evaluate and commit closed rounds, oldest first; True if any was committed."""
+        did = False
+        while True:
+            with self._lock:
+                if not self._pending or self._committing:
+                    return did
+                self._committing = True
+                state, partial = self._pending[0]
+            try:
+                did = self._commit_one(state, partial) or did
+            finally:
+                with self._lock:
+                    self._committing = False
+
+    def _commit_one(self, state: StrategyState, partial: dict[str, Any]) -> bool:
+        result = self.evaluator(state.weights)
+        record = {
+            "round": partial["round"],
+            "accuracy": result.accuracy,
+            "loss": result.loss,
+            **{k: v for k, v in partial.items() if k != "round"},
+        }
+        version = state.version
+        save = version % self.config.save_every == 0 or version >= self.config.rounds
+        self.store.commit_round(record, state.weights if save else None, {})
+        with self._lock:
+            self._pending.pop(0)
+            self.history.append(record)
+            if version >= self.config.rounds:
+                self.phase = "done"
         self.on_round(record)
         self.on_change()
+        return True
 
     # -- status -----------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -1,0 +1,35 @@
+"""The in-process simulator: many clients in one process, sequential or vectorized.
+
+:func:`run_simulation` runs the rounds (the same sampling, seeds and FedAvg as
+the HTTP server); an :class:`Engine` trains the sampled clients of a round.
+``sequential`` calls ``local_update`` for each client in turn (any model);
+``vectorized`` trains all of them at once on stacked ``mlp`` parameters.
+"""
+
+from fedlearn.sim.base import ENGINES, ClientTask, ClientUpdate, Engine
+from fedlearn.sim.engine import (
+    SimConfig,
+    aggregate,
+    client_ids,
+    config_record,
+    make_engine,
+    run_simulation,
+)
+from fedlearn.sim.sequential import SequentialEngine
+from fedlearn.sim.vectorized import VectorizedEngine, unsupported_reason
+
+__all__ = [
+    "ENGINES",
+    "ClientTask",
+    "ClientUpdate",
+    "Engine",
+    "SequentialEngine",
+    "SimConfig",
+    "VectorizedEngine",
+    "aggregate",
+    "client_ids",
+    "config_record",
+    "make_engine",
+    "run_simulation",
+    "unsupported_reason",
+]

@@ -1,0 +1,55 @@
+"""What every simulator engine takes and returns, and the protocol it follows.
+
+An engine trains the sampled clients of one round, starting from the same
+global weights, and hands back each client's delta and example count; the
+round loop in :mod:`fedlearn.sim.engine` does the rest (sampling, FedAvg,
+evaluation, the run directory). Client data is never copied up front: a
+:class:`ClientTask` holds an index array into the one shared training set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from fedlearn.config import TrainConfig
+from fedlearn.types import Weights
+
+ENGINES: tuple[str, ...] = ("vectorized", "sequential")
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """One client's work in a round: its id, its rows of the training set, its data seed."""
+
+    client_id: str
+    indices: npt.NDArray[np.int64]
+    seed: int
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's result: weights after training minus the weights it started from."""
+
+    client_id: str
+    delta: Weights
+    num_examples: int
+
+
+class Engine(Protocol):
+    """Trains the clients of one round in-process."""
+
+    name: str
+
+    def train_round(
+        self, weights: Weights, clients: list[ClientTask], config: TrainConfig
+    ) -> list[ClientUpdate]:
+        """Train every client in ``clients`` from ``weights``; one update per client, in order.
+
+        Each client must end exactly where ``fedlearn.training.local_update``
+        would take it for the same weights, rows, seed and ``config``.
+        """
+        ...
