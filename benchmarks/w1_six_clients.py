@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, table, write_json  # noqa: E402
+from common import median, table, write_json
 
 CHECKPOINTS = (1, 5, 10, 20, 50)
 

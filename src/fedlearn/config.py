@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from fedlearn.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
+STRATEGIES = ("fedavg",)
 
 T = TypeVar("T")
 
@@ -103,6 +104,12 @@ class ServerConfig:
             raise ConfigError(f"--round-timeout must be positive, got {self.round_timeout}.")
         if self.save_every < 1:
             raise ConfigError(f"--save-every must be at least 1, got {self.save_every}.")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}."
+            )
+        if not self.server_lr > 0:
+            raise ConfigError(f"--server-lr must be positive, got {self.server_lr}.")
         if not self.max_update_mb > 0:
             raise ConfigError(f"max_update_mb must be positive, got {self.max_update_mb}.")
         if self.mode != "sync":

@@ -103,6 +103,11 @@ def server(
 
     if resume is not None and out is not None:
         raise ConfigError("pass --resume RUNDIR or --out RUNDIR, not both.")
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together; pass both or neither.")
+    for path in (tls_cert, tls_key):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"TLS file {path} does not exist; check --tls-cert/--tls-key.")
     cfg = resolve_config(config, resume, {
         "dataset": dataset, "model": model, "rounds": rounds, "min_clients": min_clients,
         "fraction": fraction, "min_results": min_results, "round_timeout": round_timeout,

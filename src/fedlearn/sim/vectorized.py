@@ -124,7 +124,8 @@ class VectorizedEngine:
         k = len(clients)
         start = [torch.from_numpy(np.ascontiguousarray(weights[n], dtype=np.float32))
                  for n in PARAMS]
-        params = [w.unsqueeze(0).expand(k, *w.shape).contiguous() for w in start]
+        # repeat always copies (expand().contiguous() would alias ``weights`` when k == 1).
+        params = [w.repeat(k, *([1] * w.dim())) for w in start]
         with torch.no_grad():
             _train(self.x, self.y, params, plan, config)
             deltas = [p.sub_(w).numpy() for p, w in zip(params, start, strict=True)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedlearn.config import STRATEGIES
 from fedlearn.errors import ConfigError
 from fedlearn.types import Weights
 from fedlearn.weights import RunningSum
@@ -44,9 +45,6 @@ class FedAvg:
             for k, v in state.weights.items()
         }
         return StrategyState(weights=new, version=state.version + 1)
-
-
-STRATEGIES = ("fedavg",)
 
 
 def make_strategy(name: str, *, server_lr: float = 1.0) -> FedAvg:

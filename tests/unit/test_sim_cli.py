@@ -1,0 +1,59 @@
+"""``fedlearn sim`` as a typer command: flags, errors and the run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from fedlearn.cli.sim_cmd import sim
+from fedlearn.errors import ConfigError
+
+
+def app() -> typer.Typer:
+    """A throwaway app holding only ``sim`` (fedlearn's own app registers it as well)."""
+    a = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    a.command()(sim)
+    return a
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        ({"clients": 5, "per_round": 6}, "--per-round"),
+        ({"engine": "gpu"}, "engine"),
+        ({"partition": "dirichlet:-1"}, "--partition"),
+        ({"threads": 0}, "--threads"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"local_epochs": 0}, "epochs"),
+    ],
+)
+def test_bad_flags_raise_one_config_error(flags: dict[str, object], words: str,
+                                          tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=words):
+        sim(out=tmp_path / "run", **flags)  # type: ignore[arg-type]
+    assert not (tmp_path / "run").exists()
+
+
+def test_sim_on_digits_writes_the_run_directory(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    res = CliRunner().invoke(app(), [
+        "--dataset", "digits", "--clients", "6", "--per-round", "3", "--rounds", "2",
+        "--partition", "iid", "--optimizer", "sgd", "--lr", "0.05", "--seed", "1",
+        "--threads", str(threads), "--out", str(out),
+    ])
+    assert res.exit_code == 0, res.output
+    assert "final test accuracy" in res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "sim" and summary["engine"] == "vectorized"
+    assert summary["clients"] == 6 and summary["per_round"] == 3 and summary["rounds"] == 2
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 3 for r in rows)
+    assert {"round", "accuracy", "loss", "seconds", "clients", "examples"} <= set(rows[0])
+    assert (out / "model.safetensors").exists() and (out / "report.png").exists()
+    assert "engine = \"vectorized\"" in (out / "config.toml").read_text()

@@ -1,0 +1,203 @@
+"""Every simulator engine against the one reference: ``local_update``, client by client.
+
+One shared test body runs against every engine: whatever an engine does
+inside, each client must end where ``local_update`` takes it for the same
+weights, rows, seed and optimizer, to float tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from fedlearn.config import TrainConfig
+from fedlearn.models import build_model, get_weights
+from fedlearn.sim import (
+    ENGINES,
+    ClientTask,
+    SequentialEngine,
+    VectorizedEngine,
+    make_engine,
+    unsupported_reason,
+)
+from fedlearn.sim.vectorized import make_schedule
+from fedlearn.training import Shard, epoch_orders, local_update
+from fedlearn.types import Weights
+
+SHAPE = (1, 4, 4)
+CLASSES = 3
+
+
+def toy_data(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three noisy classes of 1x4x4 'images' (learnable, so gradients stay informative)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, CLASSES, n).astype(np.int64)
+    x = rng.normal(0, 1.0, (n, *SHAPE)).astype(np.float32)
+    x[:, 0, 0, :] += y[:, None].astype(np.float32)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def tasks_of(sizes: list[int], seed: int = 0) -> list[ClientTask]:
+    """Disjoint clients of the given sizes, with scattered rows and their own seeds."""
+    rows = np.random.default_rng(seed).permutation(600)
+    out, start = [], 0
+    for i, n in enumerate(sizes):
+        out.append(ClientTask(f"client-{i}", rows[start : start + n].astype(np.int64), 1000 + i))
+        start += n
+    return out
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    config: TrainConfig
+    sizes: tuple[int, ...]
+
+
+CASES = [
+    Case("sgd-equal", TrainConfig(optimizer="sgd", lr=0.1, batch_size=16), (64, 64, 64)),
+    Case("sgd-partial", TrainConfig(optimizer="sgd", lr=0.1, batch_size=16), (37, 100, 5, 64, 16)),
+    Case("sgd-momentum-wd",
+         TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=16),
+         (37, 100, 5, 64)),
+    Case("sgd-wd", TrainConfig(optimizer="sgd", lr=0.05, weight_decay=1e-2, batch_size=8),
+         (30, 9, 50)),
+    Case("adam", TrainConfig(optimizer="adam", lr=0.01, batch_size=16), (37, 100, 5, 64)),
+    Case("adam-wd-2-epochs",
+         TrainConfig(optimizer="adam", lr=0.01, weight_decay=1e-3, batch_size=16, epochs=2),
+         (37, 100, 5, 64)),
+    Case("sgd-momentum-3-epochs",
+         TrainConfig(optimizer="sgd", lr=0.05, momentum=0.5, batch_size=32, epochs=3),
+         (70, 33, 128)),
+    Case("one-client-one-row", TrainConfig(optimizer="sgd", lr=0.1, batch_size=16), (1,)),
+]
+
+
+def reference(weights: Weights, tasks: list[ClientTask], config: TrainConfig,
+              x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[Weights, int]]:
+    model = build_model("mlp", SHAPE, CLASSES)
+    out = {}
+    for t in tasks:
+        res = local_update(model, weights, Shard(x, y, t.indices), config, seed=t.seed)
+        out[t.client_id] = (res.delta, res.num_examples)
+    return out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_engine_matches_local_update(engine: str, case: Case) -> None:
+    x, y = toy_data()
+    model = build_model("mlp", SHAPE, CLASSES, seed=1)
+    weights = get_weights(model)
+    tasks = tasks_of(list(case.sizes))
+    eng = make_engine(engine, model, x, y, case.config)
+    assert eng.name == engine
+    updates = eng.train_round(weights, tasks, case.config)
+    expected = reference(weights, tasks, case.config, x, y)
+    assert [u.client_id for u in updates] == [t.client_id for t in tasks]
+    for u in updates:
+        delta, n = expected[u.client_id]
+        assert u.num_examples == n == len(tasks[int(u.client_id.split("-")[1])].indices)
+        assert set(u.delta) == set(delta)
+        for k in delta:
+            assert u.delta[k].shape == delta[k].shape and u.delta[k].dtype == np.float32
+            np.testing.assert_allclose(u.delta[k], delta[k], rtol=0, atol=2e-5, err_msg=k)
+        # Training moved every client (a vacuous match of zeros would prove nothing).
+        assert max(float(np.abs(v).max()) for v in u.delta.values()) > 1e-3
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("sizes", [[20, 50], [20]])
+def test_engine_does_not_change_its_inputs(engine: str, sizes: list[int]) -> None:
+    x, y = toy_data()
+    x0, y0 = x.clone(), y.clone()
+    weights = get_weights(build_model("mlp", SHAPE, CLASSES, seed=2))
+    before = {k: v.copy() for k, v in weights.items()}
+    tasks = tasks_of(sizes)
+    rows = [t.indices.copy() for t in tasks]
+    cfg = TrainConfig(optimizer="adam", lr=0.01, batch_size=8)
+    make_engine(engine, build_model("mlp", SHAPE, CLASSES), x, y, cfg).train_round(
+        weights, tasks, cfg)
+    assert all(np.array_equal(before[k], weights[k]) for k in weights)
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    assert all(np.array_equal(r, t.indices) for r, t in zip(rows, tasks, strict=True))
+
+
+def test_engines_agree_over_several_rounds() -> None:
+    """Chain three rounds of FedAvg by hand with each engine; the models stay together."""
+    x, y = toy_data()
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9, batch_size=16)
+    finals = []
+    for engine in ENGINES:
+        model = build_model("mlp", SHAPE, CLASSES, seed=3)
+        weights = get_weights(model)
+        eng = make_engine(engine, model, x, y, cfg)
+        for rnd in range(3):
+            tasks = [ClientTask(t.client_id, t.indices, t.seed + rnd)
+                     for t in tasks_of([37, 100, 5, 64])]
+            ups = eng.train_round(weights, tasks, cfg)
+            total = sum(u.num_examples for u in ups)
+            weights = {k: v + sum(u.num_examples * u.delta[k] for u in ups) / total
+                       for k, v in weights.items()}
+        finals.append(weights)
+    assert max(float(np.abs(finals[0][k] - finals[1][k]).max()) for k in finals[0]) < 1e-4
+
+
+def test_schedule_orders_clients_by_steps_without_padding_waste() -> None:
+    tasks = tasks_of([5, 40, 17])
+    plan = make_schedule(tasks, batch_size=16, epochs=1)
+    # 1, 3 and 2 steps: the stack is [client-1, client-2, client-0].
+    assert plan.order.tolist() == [1, 2, 0]
+    assert plan.active == [3, 2, 1]
+    assert plan.rows.shape == (3, 3, 16)
+    # client-1 (40 rows): two full batches, then 8 real rows and 8 of weight zero.
+    scale = plan.scale[:, 0].numpy()
+    assert np.allclose(scale[0], 1 / 16) and np.allclose(scale[1], 1 / 16)
+    assert np.allclose(scale[2, :8], 1 / 8) and np.all(scale[2, 8:] == 0)
+    # client-0 (5 rows) in its own epoch order, in slot 2 at step 0.
+    order = epoch_orders(5, 1, tasks[0].seed)[0]
+    assert plan.rows[0, 2, :5].tolist() == tasks[0].indices[order].tolist()
+    assert np.allclose(plan.scale[0, 2, :5].numpy(), 1 / 5)
+    # Every real row of every client appears exactly once per epoch.
+    for slot, ci in enumerate(plan.order):
+        real = plan.rows[:, slot][plan.scale[:, slot] > 0].numpy()
+        assert sorted(real.tolist()) == sorted(tasks[ci].indices.tolist())
+
+
+def test_schedule_epochs_use_each_epochs_permutation() -> None:
+    task = tasks_of([20])[0]
+    plan = make_schedule([task], batch_size=8, epochs=2)
+    assert plan.active == [1] * 6
+    orders = epoch_orders(20, 2, task.seed)
+    for e in range(2):
+        got = plan.rows[3 * e : 3 * e + 3, 0].reshape(-1)[:20].tolist()
+        # The third batch of an epoch holds 4 real rows, then padding.
+        got = plan.rows[3 * e : 3 * e + 2, 0].reshape(-1).tolist() + plan.rows[3 * e + 2, 0,
+                                                                                  :4].tolist()
+        assert got == task.indices[orders[e]].tolist()
+
+
+def test_vectorized_falls_back_for_a_model_it_cannot_stack() -> None:
+    lines: list[str] = []
+    cnn = build_model("cnn", (1, 28, 28), 10)
+    cfg = TrainConfig(optimizer="sgd", lr=0.01)
+    assert unsupported_reason(cnn, cfg) is not None
+    x = torch.zeros(4, 1, 28, 28)
+    y = torch.zeros(4, dtype=torch.int64)
+    eng = make_engine("vectorized", cnn, x, y, cfg, log=lines.append)
+    assert isinstance(eng, SequentialEngine)
+    assert len(lines) == 1 and "sequential" in lines[0] and "CNN" in lines[0]
+    ups = eng.train_round(get_weights(cnn), [ClientTask("a", np.arange(4), 0)], cfg)
+    assert ups[0].num_examples == 4
+
+
+def test_vectorized_takes_the_mlp_with_either_optimizer() -> None:
+    mlp = build_model("mlp", SHAPE, CLASSES)
+    x, y = toy_data(10)
+    for opt in ("sgd", "adam"):
+        lines: list[str] = []
+        eng = make_engine("vectorized", mlp, x, y, TrainConfig(optimizer=opt), log=lines.append)
+        assert isinstance(eng, VectorizedEngine) and lines == []
