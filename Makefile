@@ -54,5 +54,9 @@ check: lint typecheck unit integration
 
 test: install data check
 
+# Benchmarks of BENCHMARKS.md: each prints a table and writes benchmarks/results/<name>.json.
+bench: install data
+	$(BIN)/python benchmarks/w1_six_clients.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -6,6 +6,7 @@ Flags override file values; an unknown key is an error, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 from fedlearn.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
+MODES = ("sync", "async")
 STRATEGIES = ("fedavg",)
 
 T = TypeVar("T")
@@ -75,7 +77,13 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """What a federated run is: saved in ``config.toml`` and reused on ``--resume``."""
+    """What a federated run is: saved in ``config.toml`` and reused on ``--resume``.
+
+    ``mode`` "sync" runs ``rounds`` rounds; "async" merges updates as they arrive
+    with ``async_policy`` until ``max_updates`` updates or ``max_seconds`` seconds,
+    evaluating every ``eval_every`` and checkpointing every ``save_every`` updates
+    (in sync mode ``save_every`` counts rounds).
+    """
 
     dataset: str = "fashion-mnist"
     model: str = "mlp"
@@ -90,6 +98,13 @@ class ServerConfig:
     save_every: int = 1
     max_update_mb: float = 64.0
     mode: str = "sync"
+    async_policy: str = "fedasync"
+    async_alpha: float = 0.6
+    staleness_fn: str = "polynomial"
+    max_staleness: int | None = None
+    max_updates: int | None = None
+    max_seconds: float | None = None
+    eval_every: int = 1
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -112,8 +127,37 @@ class ServerConfig:
             raise ConfigError(f"--server-lr must be positive, got {self.server_lr}.")
         if not self.max_update_mb > 0:
             raise ConfigError(f"max_update_mb must be positive, got {self.max_update_mb}.")
-        if self.mode != "sync":
-            raise ConfigError(f"unknown mode {self.mode!r}; this server runs 'sync'.")
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown --mode {self.mode!r}; choose sync or async.")
+        if self.eval_every < 1:
+            raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}.")
+        if self.mode == "sync":
+            given = [flag for flag, value in (("--max-updates", self.max_updates),
+                                              ("--max-seconds", self.max_seconds),
+                                              ("--max-staleness", self.max_staleness))
+                     if value is not None]
+            if given:
+                raise ConfigError(f"{', '.join(given)} applies to --mode async; sync runs stop "
+                                  "after --rounds.")
+        else:
+            self._check_async()
+
+    def _check_async(self) -> None:
+        from fedlearn.strategies.async_policies import make_policy
+
+        if self.max_updates is None and self.max_seconds is None:
+            raise ConfigError("--mode async needs a stop rule; pass --max-updates N or "
+                              "--max-seconds S.")
+        if self.max_updates is not None and self.max_updates < 1:
+            raise ConfigError(f"--max-updates must be at least 1, got {self.max_updates}.")
+        if self.max_seconds is not None and not (
+            self.max_seconds > 0 and math.isfinite(self.max_seconds)
+        ):
+            raise ConfigError(f"--max-seconds must be a positive number, got {self.max_seconds}.")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ConfigError(f"--max-staleness must be 0 or more, got {self.max_staleness}.")
+        make_policy(self.async_policy, alpha=self.async_alpha, staleness_fn=self.staleness_fn,
+                    server_lr=self.server_lr)
 
     @property
     def max_update_bytes(self) -> int:

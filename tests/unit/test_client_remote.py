@@ -13,6 +13,7 @@ import pytest
 
 from fedlearn.client.remote import (
     RemoteServer,
+    RetriesExhausted,
     ServerUnavailable,
     Task,
     backoff_delay,
@@ -257,7 +258,9 @@ def test_gives_up_after_max_retries_with_a_sentence() -> None:
     fn, calls = failing(100)
     with pytest.raises(RemoteError, match="after 4 tries") as info:
         with_retries(fn, max_retries=3, max_wait=1.0, rng=random.Random(0), sleep=slept.append)
-    assert type(info.value) is RemoteError
+    # a RemoteError that is not itself retried again, and that async clients can tell apart
+    assert type(info.value) is RetriesExhausted
+    assert not isinstance(info.value, ServerUnavailable)
     assert len(calls) == 4 and len(slept) == 3
     msg = str(info.value)
     assert msg.startswith(f"could not reach the server at {URL} after 4 tries")

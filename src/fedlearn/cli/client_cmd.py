@@ -99,6 +99,10 @@ def client(
         Path | None, typer.Option("--cpu-slot", help="Lock file held while training, so "
                                   "clients on one host take turns on its cores.")
     ] = None,
+    max_offline: Annotated[
+        int, typer.Option("--max-offline", help="Async runs: trainings in a row to go on with "
+                          "while the server stays unreachable, before giving up.")
+    ] = 10,
 ) -> None:
     """Join a server's run: train on local data each round and send the updates."""
     from fedlearn.client.remote import RemoteServer
@@ -120,7 +124,7 @@ def client(
         partition_seed=partition_seed, poll_wait=poll_wait, max_retries=max_retries,
         max_wait=max_wait, slowdown=slowdown,
         ca_file=None if ca_file is None else str(ca_file),
-        cpu_slot=None if cpu_slot is None else str(cpu_slot),
+        cpu_slot=None if cpu_slot is None else str(cpu_slot), max_offline=max_offline,
     )
     set_threads(threads)
 
@@ -132,6 +136,8 @@ def client(
         console.print(f"client {config.client_id}: {dataset} partition {partition} -> "
                       f"{remote.url}", markup=False, highlight=False)
         summary = run_worker(config, remote, log=log)
+    last = (f"{summary.went_offline} times offline" if summary.mode == "async"
+            else f"last round {summary.last_round}")
     console.print(f"client {config.client_id} finished: {summary.rounds_trained} updates "
-                  f"accepted, {summary.updates_refused} refused, last round "
-                  f"{summary.last_round}.", markup=False, highlight=False)
+                  f"accepted, {summary.updates_refused} refused, {last}.", markup=False,
+                  highlight=False)

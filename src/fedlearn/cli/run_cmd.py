@@ -24,11 +24,19 @@ from fedlearn.cli.common import (
     progress_bar,
 )
 from fedlearn.cli.server_cmds import (
+    AsyncAlphaOpt,
+    AsyncPolicyOpt,
+    EvalEveryOpt,
     FractionOpt,
+    MaxSecondsOpt,
+    MaxStalenessOpt,
+    MaxUpdatesOpt,
     MinResultsOpt,
+    ModeOpt,
     RoundTimeoutOpt,
     SaveEveryOpt,
     ServerLrOpt,
+    StalenessFnOpt,
     StrategyOpt,
 )
 from fedlearn.errors import ConfigError, FedlearnError
@@ -64,7 +72,8 @@ def run(
     clients: Annotated[int, typer.Option("--clients", "-n", help="Client processes.")] = 3,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset.")] = "fashion-mnist",
     model: Annotated[str, typer.Option("--model", "-m", help="Model.")] = "mlp",
-    rounds: Annotated[int, typer.Option("--rounds", help="Rounds to run.")] = 10,
+    rounds: Annotated[int | None, typer.Option(
+        "--rounds", help="Rounds to run (sync). [default: 10]")] = None,
     partition: Annotated[str, typer.Option("--partition", "-p",
                          help="iid, dirichlet:A or shards:K, split among the clients.")] = "iid",
     local_epochs: Annotated[int, typer.Option("--local-epochs", help="Epochs per round.")] = 1,
@@ -79,6 +88,14 @@ def run(
     strategy: StrategyOpt = None,
     server_lr: ServerLrOpt = None,
     save_every: SaveEveryOpt = None,
+    mode: ModeOpt = None,
+    async_policy: AsyncPolicyOpt = None,
+    async_alpha: AsyncAlphaOpt = None,
+    staleness_fn: StalenessFnOpt = None,
+    max_staleness: MaxStalenessOpt = None,
+    max_updates: MaxUpdatesOpt = None,
+    max_seconds: MaxSecondsOpt = None,
+    eval_every: EvalEveryOpt = None,
     slowdown: Annotated[list[str] | None, typer.Option(
         "--slowdown", help="For benchmarks: INDEX=FACTOR slows client INDEX (repeatable).")]
     = None,
@@ -88,10 +105,24 @@ def run(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.")] = None,
 ) -> None:
     """Start a server and N clients on 127.0.0.1 and run a federated training to the end."""
+    from fedlearn.config import ServerConfig
     from fedlearn.runs import default_run_dir
 
     if clients < 1:
         raise ConfigError(f"--clients must be at least 1, got {clients}.")
+    asynchronous = mode == "async"
+    if asynchronous and rounds is not None:
+        raise ConfigError("--rounds is for --mode sync; an async run stops at --max-updates or "
+                          "--max-seconds.")
+    rounds = 10 if rounds is None else rounds
+    run_flags: dict[str, Any] = {
+        "mode": mode, "async_policy": async_policy, "async_alpha": async_alpha,
+        "staleness_fn": staleness_fn, "max_staleness": max_staleness,
+        "max_updates": max_updates, "max_seconds": max_seconds, "eval_every": eval_every,
+        "server_lr": server_lr, "save_every": save_every,
+    }
+    # Refuse bad settings here, before any process starts.
+    ServerConfig(rounds=rounds, **{k: v for k, v in run_flags.items() if v is not None})
     parts = [client_partition(partition, clients, i) for i in range(clients)]
     slow = _parse_slowdown(slowdown or [], clients)
     run_dir = Path(out or default_run_dir("run"))
@@ -107,14 +138,14 @@ def run(
     exe = [sys.executable, "-m", "fedlearn.cli.main"]
     server_cmd = [
         *exe, "server", "--host", "127.0.0.1", "--port", "0", "--out", str(run_dir),
-        "--dataset", dataset, "--model", model, "--rounds", str(rounds),
-        "--min-clients", str(clients), "--seed", str(seed),
+        "--dataset", dataset, "--model", model, "--min-clients", str(clients),
+        "--seed", str(seed), *([] if asynchronous else ["--rounds", str(rounds)]),
     ]
-    for flag, value in (("--fraction", fraction), ("--min-results", min_results),
-                        ("--round-timeout", round_timeout), ("--strategy", strategy),
-                        ("--server-lr", server_lr), ("--save-every", save_every)):
+    for name, value in (("fraction", fraction), ("min_results", min_results),
+                        ("round_timeout", round_timeout), ("strategy", strategy),
+                        *run_flags.items()):
         if value is not None:
-            server_cmd += [flag, str(value)]
+            server_cmd += ["--" + name.replace("_", "-"), str(value)]
     procs: dict[str, subprocess.Popen[bytes]] = {}
     files: list[IO[bytes]] = []
 
@@ -126,8 +157,9 @@ def run(
 
     # A SIGTERM (from a supervisor or `timeout`) stops the children like Ctrl-C does.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    length = (f"async {async_policy or 'fedasync'}" if asynchronous else f"{rounds} rounds")
     console.print(f"fedlearn run: 1 server + {clients} clients, {model} on {dataset}, "
-                  f"{rounds} rounds -> {run_dir}")
+                  f"{length} -> {run_dir}")
     try:
         spawn("server", server_cmd)
         url = _wait_for_endpoint(run_dir, procs["server"])
@@ -142,7 +174,12 @@ def run(
                 "--slowdown", str(slow.get(i, 1.0)),
                 *(["--cpu-slot", str(logs / f".cpu-slot-{i % slots}")] if slots else []),
             ])
-        _follow(run_dir, procs, rounds)
+        if asynchronous:
+            bar = ("updates", max_updates) if max_updates is not None else (
+                "seconds", int(max_seconds or 0))
+        else:
+            bar = ("rounds", rounds)
+        _follow(run_dir, procs, *bar)
     except KeyboardInterrupt:
         console.print("interrupted: stopping the server and clients")
         _stop_all(procs)
@@ -157,6 +194,14 @@ def run(
         what = ", ".join(f"{n} (exit {c})" for n, c in sorted(failed.items())) or "the server"
         raise ProcessFailed(f"{what} failed; see the logs in {logs}.")
     summary = json.loads(summary_path.read_text())
+    if summary.get("mode") == "async":
+        console.print(
+            f"final test accuracy {pct(summary['final_accuracy'])} after {summary['updates']} "
+            f"updates ({summary['versions']} versions, mean staleness "
+            f"{summary['mean_staleness']:.2f}) in {summary['training_seconds']:.1f}s; "
+            f"run directory {run_dir}"
+        )
+        return
     console.print(
         f"final test accuracy {pct(summary['final_accuracy'])} after {summary['rounds']} "
         f"rounds; median {summary.get('median_round_seconds') or 0:.2f}s per round; "
@@ -199,18 +244,30 @@ def _wait_for_endpoint(run_dir: Path, server: subprocess.Popen[bytes]) -> str:
     raise ProcessFailed(f"the server did not start within {START_TIMEOUT:.0f}s.")
 
 
-def _follow(run_dir: Path, procs: dict[str, subprocess.Popen[bytes]], rounds: int) -> None:
-    """Show progress from metrics.jsonl until the server exits."""
+def _follow(
+    run_dir: Path, procs: dict[str, subprocess.Popen[bytes]], unit: str, total: int
+) -> None:
+    """Show progress from metrics.jsonl until the server exits.
+
+    ``unit`` is what the bar counts: ``rounds``, or for async runs ``updates``
+    (or ``seconds`` when only --max-seconds bounds the run).
+    """
     metrics = run_dir / "metrics.jsonl"
     seen = 0
     reported: set[str] = set()
     server = procs["server"]
-    with progress_bar("rounds", rounds) as bar:
+    with progress_bar(unit, total) as bar:
         while True:
             records = _read_records(metrics)
             for r in records[seen:]:
-                bar.set(r["round"], (
-                    f"acc {pct(r['accuracy'])}  clients {r['clients']}/{r['sampled']}"))
+                if "update" in r:
+                    done = int(r["seconds"]) if unit == "seconds" else int(r["update"])
+                    bar.set(min(done, total), (
+                        f"acc {pct(r['accuracy'])}  version {r['version']}  "
+                        f"staleness {r['mean_staleness']:.1f}"))
+                else:
+                    bar.set(r["round"], (
+                        f"acc {pct(r['accuracy'])}  clients {r['clients']}/{r['sampled']}"))
             seen = max(seen, len(records))
             if server.poll() is not None:
                 break

@@ -38,7 +38,39 @@ ServerLrOpt = Annotated[
     float | None, typer.Option("--server-lr", help="Server learning rate. [default: 1.0]")
 ]
 SaveEveryOpt = Annotated[
-    int | None, typer.Option("--save-every", help="Rounds between checkpoints. [default: 1]")
+    int | None, typer.Option("--save-every", help="Rounds (async: updates) between "
+                             "checkpoints. [default: 1]")
+]
+ModeOpt = Annotated[
+    str | None, typer.Option("--mode", help="sync (rounds) or async (merge updates as they "
+                             "arrive). [default: sync]")
+]
+AsyncPolicyOpt = Annotated[
+    str | None, typer.Option("--async-policy", help="async: samples, fedasync or fedbuff:K. "
+                             "[default: fedasync]")
+]
+AsyncAlphaOpt = Annotated[
+    float | None, typer.Option("--async-alpha", help="async fedasync: mixing weight alpha. "
+                               "[default: 0.6]")
+]
+StalenessFnOpt = Annotated[
+    str | None, typer.Option("--staleness-fn", help="async: polynomial[:A], hinge[:A:B] or "
+                             "constant. [default: polynomial (A=0.5)]")
+]
+MaxStalenessOpt = Annotated[
+    int | None, typer.Option("--max-staleness", help="async: refuse updates more than this "
+                             "many versions old. [default: no limit]")
+]
+MaxUpdatesOpt = Annotated[
+    int | None, typer.Option("--max-updates", help="async: stop after this many merged updates.")
+]
+MaxSecondsOpt = Annotated[
+    float | None, typer.Option("--max-seconds", help="async: stop after this many seconds of "
+                               "training.")
+]
+EvalEveryOpt = Annotated[
+    int | None, typer.Option("--eval-every", help="async: evaluate every N merged updates. "
+                             "[default: 1]")
 ]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="TOML file of run settings (flags win).")
@@ -70,6 +102,9 @@ def resolve_config(
         data = load_toml(config_file)
         values.update(data.get("server", data))
     values.update(given)
+    if values.get("mode") == "async" and "rounds" in values:
+        raise ConfigError("--rounds is for --mode sync; an async run stops at --max-updates or "
+                          "--max-seconds.")
     return from_mapping(ServerConfig, values, where=str(config_file or "flags"))
 
 
@@ -89,6 +124,14 @@ def server(
     server_lr: ServerLrOpt = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Run seed. [default: 0]")] = None,
     save_every: SaveEveryOpt = None,
+    mode: ModeOpt = None,
+    async_policy: AsyncPolicyOpt = None,
+    async_alpha: AsyncAlphaOpt = None,
+    staleness_fn: StalenessFnOpt = None,
+    max_staleness: MaxStalenessOpt = None,
+    max_updates: MaxUpdatesOpt = None,
+    max_seconds: MaxSecondsOpt = None,
+    eval_every: EvalEveryOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.")] = None,
     config: ConfigOpt = None,
     resume: ResumeOpt = None,
@@ -112,6 +155,9 @@ def server(
         "dataset": dataset, "model": model, "rounds": rounds, "min_clients": min_clients,
         "fraction": fraction, "min_results": min_results, "round_timeout": round_timeout,
         "strategy": strategy, "server_lr": server_lr, "seed": seed, "save_every": save_every,
+        "mode": mode, "async_policy": async_policy, "async_alpha": async_alpha,
+        "staleness_fn": staleness_fn, "max_staleness": max_staleness,
+        "max_updates": max_updates, "max_seconds": max_seconds, "eval_every": eval_every,
     })
     if cfg is not None:
         ds = load_dataset(cfg.dataset)
@@ -119,6 +165,14 @@ def server(
     run, cfg, resumed = prepare_run(cfg, out, resume)
 
     def on_round(r: dict[str, Any]) -> None:
+        if "update" in r:
+            of = f"/{cfg.max_updates}" if cfg.max_updates is not None else ""
+            console.print(
+                f"update {r['update']:>5}{of}  version {r['version']:>5}  accuracy "
+                f"{pct(r['accuracy'])}  loss {r['loss']:.4f}  staleness {r['staleness']}  "
+                f"{r['seconds']:.1f}s", highlight=False,
+            )
+            return
         console.print(
             f"round {r['round']:>4}/{cfg.rounds}  accuracy {pct(r['accuracy'])}  "
             f"loss {r['loss']:.4f}  clients {r['clients']}/{r['sampled']}  "
@@ -132,5 +186,10 @@ def server(
         resumed=resumed, announce=lambda s: console.print(s, highlight=False),
         on_round=on_round,
     )
+    if summary.get("mode") == "async":
+        done = (f"{summary['updates']} updates ({summary['versions']} versions, mean staleness "
+                f"{summary['mean_staleness']:.2f})")
+    else:
+        done = f"{summary['rounds']} rounds"
     console.print(f"run finished: final accuracy {pct(summary['final_accuracy'])} after "
-                  f"{summary['rounds']} rounds; run directory {run.path}")
+                  f"{done}; run directory {run.path}")

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from fedlearn.client.remote import (
         Registration,
         RemoteServer,
+        RetriesExhausted,
         ServerUnavailable,
         Task,
         with_retries,
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 _WHERE = {
     "Registration": "remote",
     "RemoteServer": "remote",
+    "RetriesExhausted": "remote",
     "ServerUnavailable": "remote",
     "Task": "remote",
     "with_retries": "remote",
@@ -35,6 +37,7 @@ __all__ = [
     "Registration",
     "Remote",
     "RemoteServer",
+    "RetriesExhausted",
     "ServerUnavailable",
     "Task",
     "WorkerConfig",

@@ -55,6 +55,10 @@ class ServerUnavailable(RemoteError):
         self.url = url
 
 
+class RetriesExhausted(RemoteError):
+    """The server stayed unreachable through every retry of :func:`with_retries`."""
+
+
 @dataclass(frozen=True)
 class Registration:
     """The answer to ``POST /api/register``: our credential and what the run is."""
@@ -100,8 +104,9 @@ def with_retries(
     once. Before retry ``k`` (0-based) it sleeps a uniform time in
     ``[d_k / 2, d_k]`` with ``d_k = min(max_wait, base * 2**k)``, and calls
     ``on_retry(k + 1, seconds, error)`` first. ``fn`` is tried at most
-    ``max_retries + 1`` times; if every try fails it raises :class:`RemoteError`
-    saying the server could not be reached. Each call starts again from ``d_0``.
+    ``max_retries + 1`` times; if every try fails it raises :class:`RetriesExhausted`
+    (a :class:`RemoteError`) saying the server could not be reached. Each call
+    starts again from ``d_0``.
 
     With the defaults (``max_retries=30``, ``max_wait=10``, ``base=0.5``) the 30
     sleeps are 0.5, 1, 2, 4, 8 and then 25 x 10 seconds at most: a client gives
@@ -123,7 +128,7 @@ def with_retries(
         except ServerUnavailable as exc:
             if k >= max_retries:
                 where = exc.url or "the given URL"
-                raise RemoteError(
+                raise RetriesExhausted(
                     f"could not reach the server at {where} after {k + 1} tries; check that "
                     "`fedlearn server` is running and --server is right."
                 ) from exc
@@ -208,6 +213,7 @@ class RemoteServer:
         self.url = url.rstrip("/")
         self._token = token
         self.credential: str | None = None
+        self.run_id: str | None = None
         verify: ssl.SSLContext | bool = True if ca_file is None else _ssl_context(ca_file)
         self._client = httpx.Client(
             base_url=self.url,
@@ -300,6 +306,7 @@ class RemoteServer:
             raise RemoteError(f"the server's registration answer lacks a valid {exc}; check "
                               "that the server runs the same fedlearn version.") from exc
         self.credential = reg.credential
+        self.run_id = reg.run_id
         return reg
 
     def next_task(self, wait: float) -> Task:
@@ -317,8 +324,9 @@ class RemoteServer:
         if action != "train":
             return Task(action=str(action))
         try:
-            return Task(action="train", round=int(body["round"]), version=int(body["version"]),
-                        seed=int(body["seed"]))
+            # An async run's tasks have no round.
+            return Task(action="train", round=int(body.get("round", 0)),
+                        version=int(body["version"]), seed=int(body["seed"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteError(f"the server sent a train task without a valid {exc}; use the "
                               "same fedlearn version on server and clients.") from exc
@@ -341,18 +349,38 @@ class RemoteServer:
     def submit_update(
         self, round: int, delta: Weights, num_examples: int, metrics: Mapping[str, float]
     ) -> None:
-        """``POST /api/update``: the delta as safetensors, with round, count and metrics.
+        """``POST /api/update`` (sync): the delta as safetensors, with round, count and metrics.
 
         Only the finite ``train_loss``, ``train_accuracy`` and ``seconds`` metrics are sent.
         """
-        params = {"round": str(int(round)), "num_examples": str(int(num_examples))}
+        self._post_update({"round": str(int(round))}, delta, num_examples, metrics)
+
+    def push_update(
+        self, version: int, delta: Weights, num_examples: int, metrics: Mapping[str, float]
+    ) -> dict[str, Any]:
+        """``POST /api/update?version=V`` (async): a delta trained from model version ``V``.
+
+        Returns the server's answer (``update``, ``staleness``, ``server_version``).
+        """
+        return self._json(
+            self._post_update({"version": str(int(version))}, delta, num_examples, metrics),
+            "update",
+        )
+
+    def _post_update(
+        self, params: dict[str, str], delta: Weights, num_examples: int,
+        metrics: Mapping[str, float],
+    ) -> httpx.Response:
+        params = {**params, "num_examples": str(int(num_examples))}
         for key in METRIC_KEYS:
             value = metrics.get(key)
             if value is not None and math.isfinite(float(value)):
                 params[key] = repr(float(value))
-        self._request("POST", "/api/update", bearer=self._bearer(), params=params,
-                      content=encode(delta),
-                      headers={"Content-Type": "application/octet-stream"})
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.run_id is not None:
+            headers["X-Fedlearn-Run"] = self.run_id
+        return self._request("POST", "/api/update", bearer=self._bearer(), params=params,
+                             content=encode(delta), headers=headers)
 
     def status(self) -> dict[str, Any]:
         """``GET /api/status``: the run's state, round and accuracy history."""

@@ -54,7 +54,13 @@ class Remote(Protocol):
     def submit_update(
         self, round: int, delta: Weights, num_examples: int, metrics: Mapping[str, float]
     ) -> None:
-        """Send the delta trained for ``round``."""
+        """Send the delta trained for ``round`` (sync runs)."""
+        ...
+
+    def push_update(
+        self, version: int, delta: Weights, num_examples: int, metrics: Mapping[str, float]
+    ) -> dict[str, Any]:
+        """Send a delta trained from model ``version`` (async runs); the server's answer."""
         ...
 
     def status(self) -> dict[str, Any]:
@@ -75,7 +81,9 @@ class WorkerConfig:
     ``partition_seed``; every client of a run must use the same seed.
     ``slowdown`` > 1 stretches local training time (benchmarks only).
     ``cpu_slot`` names a lock file held while training, so clients sharing a
-    host take turns on its cores instead of thrashing them.
+    host take turns on its cores instead of thrashing them. ``max_offline``
+    (async runs) is how many times in a row the client goes on training when
+    the server stays unreachable through every retry, before it gives up.
     """
 
     server: str
@@ -91,6 +99,7 @@ class WorkerConfig:
     slowdown: float = 1.0
     ca_file: str | None = None
     cpu_slot: str | None = None
+    max_offline: int = 10
 
     def __post_init__(self) -> None:
         if not self.client_id.strip():
@@ -105,6 +114,8 @@ class WorkerConfig:
         if not (self.max_wait > 0 and math.isfinite(self.max_wait)):
             raise ConfigError(f"--max-wait must be a positive number of seconds, "
                               f"got {self.max_wait}.")
+        if self.max_offline < 0:
+            raise ConfigError(f"--max-offline must be 0 or more, got {self.max_offline}.")
         if not (self.slowdown >= 1.0 and math.isfinite(self.slowdown)):
             raise ConfigError(f"--slowdown must be a finite factor of at least 1, "
                               f"got {self.slowdown}.")
@@ -115,13 +126,18 @@ class WorkerSummary:
     """How a client's run went.
 
     ``rounds_trained`` counts updates the server accepted, ``updates_refused``
-    those it refused with 409 (round closed, not sampled, already sent);
-    ``last_round`` is the last round this client trained for (0 if none).
+    those it refused with 409 (round closed, not sampled, already sent; in an
+    async run: too stale, from the future, run over); ``last_round`` is the
+    last round this client trained for (0 if none; in an async run the base
+    version of its last accepted update). ``went_offline`` (async) counts the
+    times the server stayed unreachable and the client trained on regardless.
     """
 
     rounds_trained: int
     updates_refused: int
     last_round: int
+    mode: str = "sync"
+    went_offline: int = 0
 
 
 @contextlib.contextmanager
@@ -187,6 +203,7 @@ class _Worker:
         self.model: nn.Module | None = None
         self.cached: tuple[Weights, int] | None = None
         self.reregistered = False
+        self.mode = "sync"
         self.trained = 0
         self.refused = 0
         self.last_round = 0
@@ -213,15 +230,20 @@ class _Worker:
             )
         self.model = build_model(reg.model, self.ds.input_shape, self.ds.num_classes)
         self.cached = None
+        self.mode = reg.mode
+        length = "async" if reg.mode == "async" else f"{reg.rounds} rounds"
         self.log(f"registered as {reg.client_id} in run {reg.run_id} ({reg.mode}, {reg.model} "
-                 f"on {reg.dataset}, {reg.rounds} rounds) with {len(self.shard)} examples")
+                 f"on {reg.dataset}, {length}) with {len(self.shard)} examples")
 
     def run(self) -> WorkerSummary:
         """Loop until the server says ``done``."""
+        from fedlearn.client.async_loop import AsyncLoop
+
         self.register()
+        loop = AsyncLoop(self)
         while True:
             try:
-                if self.step():
+                if loop.step() if self.mode == "async" else self.step():
                     break
             except AuthError as exc:
                 if self.reregistered:
@@ -229,7 +251,11 @@ class _Worker:
                 self.log(f"the server no longer accepts our credential ({exc}); "
                          "registering again")
                 self.register()
+                loop.reset()
                 self.reregistered = True
+        if self.mode == "async":
+            return WorkerSummary(loop.accepted, loop.refused, loop.last_version, "async",
+                                 loop.went_on)
         return WorkerSummary(self.trained, self.refused, self.last_round)
 
     def step(self) -> bool:

@@ -20,7 +20,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from fedlearn.errors import AuthError, FedlearnError, PayloadError, PayloadTooLargeError
+from fedlearn.errors import (
+    AuthError,
+    ConflictError,
+    FedlearnError,
+    PayloadError,
+    PayloadTooLargeError,
+)
+from fedlearn.server.async_coordinator import AsyncCoordinator
 from fedlearn.server.coordinator import SyncCoordinator
 from fedlearn.server.store import hash_secret
 from fedlearn.weights import decode
@@ -64,7 +71,7 @@ def _bearer(authorization: str | None) -> str:
 
 
 def create_app(
-    coordinator: SyncCoordinator,
+    coordinator: SyncCoordinator | AsyncCoordinator,
     *,
     join_token: str,
     run_id: str,
@@ -72,8 +79,13 @@ def create_app(
     max_update_bytes: int | None = None,
     on_done: Any = None,
 ) -> FastAPI:
-    """A FastAPI app serving the protocol of docs/protocol.md for ``coordinator``."""
+    """A FastAPI app serving the protocol of docs/protocol.md for ``coordinator``.
+
+    The coordinator's mode decides what ``POST /api/update`` takes: ``round=R``
+    (sync) or ``version=V``, the version the delta was trained from (async).
+    """
     hub = Hub()
+    asynchronous = isinstance(coordinator, AsyncCoordinator)
     previous = coordinator.on_change
 
     def on_change() -> None:
@@ -177,12 +189,18 @@ def create_app(
         if n is not None and (not isinstance(n, int) or n < 0):
             raise PayloadError("num_examples must be a non-negative integer.")
         credential = await run_in_threadpool(coordinator.register, payload["client_id"], n)
+        cfg = coordinator.config
+        run_length: dict[str, Any] = (
+            {"rounds": 0, "max_updates": cfg.max_updates, "max_seconds": cfg.max_seconds,
+             "policy": cfg.async_policy}
+            if asynchronous else {"rounds": cfg.rounds}
+        )
         return {
             "client_id": payload["client_id"],
             "credential": credential,
             "run_id": run_id,
-            "mode": "sync",
-            "rounds": coordinator.config.rounds,
+            "mode": cfg.mode,
+            **run_length,
             "dataset": coordinator.config.dataset,
             "model": coordinator.config.model,
             **details,
@@ -222,13 +240,25 @@ def create_app(
     async def update(
         request: Request,
         client_id: Annotated[str, Depends(client_auth)],
-        round: Annotated[int, Query(ge=1)],
         num_examples: Annotated[int, Query(ge=1)],
+        round: Annotated[int | None, Query(ge=1, description="sync: the round trained for")]
+        = None,
+        version: Annotated[int | None, Query(
+            ge=0, description="async: the model version the delta was trained from")] = None,
         train_loss: float | None = None,
         train_accuracy: float | None = None,
         seconds: float | None = None,
+        x_fedlearn_run: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any]:
-        """Upload one round's delta (safetensors body)."""
+        """Upload one delta (safetensors body): for ``round`` (sync) or from ``version`` (async)."""
+        name, number = ("version", version) if asynchronous else ("round", round)
+        if number is None:
+            raise RequestValidationError([{"loc": ("query", name), "msg": "Field required"}])
+        if x_fedlearn_run is not None and x_fedlearn_run != run_id:
+            raise ConflictError(
+                f"this update is for run {x_fedlearn_run!r} but this server runs {run_id!r}; "
+                "register with this server again."
+            )
         body = await _read_body(request, limit)
         delta = await run_in_threadpool(decode, body, coordinator.spec, max_bytes=limit)
         metrics = {
@@ -237,14 +267,20 @@ def create_app(
                          ("seconds", seconds))
             if v is not None
         }
+        if isinstance(coordinator, AsyncCoordinator):
+            merged = await run_in_threadpool(
+                coordinator.submit, client_id, number, delta, num_examples, metrics
+            )
+            return {"accepted": True, "version": number, "update": merged.update,
+                    "staleness": merged.staleness, "server_version": merged.version}
         await run_in_threadpool(
-            coordinator.submit, client_id, round, delta, num_examples, metrics
+            coordinator.submit, client_id, number, delta, num_examples, metrics
         )
-        return {"accepted": True, "round": round}
+        return {"accepted": True, "round": number}
 
     @app.get("/api/status", dependencies=[Depends(any_auth)])
     async def status() -> dict[str, Any]:
-        """Run id, state, round, clients and accuracy history."""
+        """Run id, state, round or version, clients and accuracy history."""
         return {"run_id": run_id, **coordinator.status()}
 
     return app

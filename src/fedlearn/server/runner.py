@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedlearn.config import ServerConfig, from_mapping
 from fedlearn.errors import ConfigError, RunStateError
@@ -27,11 +27,15 @@ from fedlearn.fsutil import atomic_write_text
 from fedlearn.runs import RunDir
 from fedlearn.server.store import DB_NAME, Store
 
+if TYPE_CHECKING:
+    from fedlearn.server.async_coordinator import AsyncCoordinator
+
 log = logging.getLogger("fedlearn.server")
 
 TOKEN_FILE = "join-token"
 ENDPOINT_FILE = "server.json"
 DONE_GRACE_SECONDS = 15.0
+ASYNC_GRACE_SECONDS = 45.0
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ def prepare_run(
     if resume is not None:
         run = RunDir.open(resume)
         saved = run.read_config()
-        if saved.get("mode") not in ("sync",) or "server" not in saved:
+        if saved.get("mode") not in ("sync", "async") or "server" not in saved:
             raise RunStateError(f"{resume} is not a federated server run; cannot resume it.")
         return run, from_mapping(ServerConfig, saved["server"], where=str(resume)), True
     if config is None:
@@ -104,6 +108,7 @@ def serve(
     from fedlearn.data import load_dataset
     from fedlearn.models import build_model, get_weights
     from fedlearn.server.app import create_app
+    from fedlearn.server.async_coordinator import AsyncCoordinator
     from fedlearn.server.coordinator import SyncCoordinator
     from fedlearn.training import Shard, evaluate
 
@@ -128,17 +133,26 @@ def serve(
         if on_round is not None:
             on_round(record)
 
-    coordinator = SyncCoordinator(
-        config, get_weights(model), store=store, evaluator=evaluator, on_round=record_round
-    )
+    coordinator: SyncCoordinator | AsyncCoordinator
+    if config.mode == "async":
+        coordinator = AsyncCoordinator(config, get_weights(model), store=store,
+                                       evaluator=evaluator, on_round=record_round)
+    else:
+        coordinator = SyncCoordinator(config, get_weights(model), store=store,
+                                      evaluator=evaluator, on_round=record_round)
     if resumed:
-        # metrics.jsonl follows the database: rounds after the checkpoint are redone.
+        # metrics.jsonl follows the database: rounds (updates) after the checkpoint are redone.
         run.rewrite_metrics(coordinator.history)
 
     server_box: list[uvicorn.Server] = []
 
     def finish() -> None:
-        save_outputs(run, config, coordinator.weights, coordinator.history, started)
+        if isinstance(coordinator, AsyncCoordinator):
+            # A final fedbuff flush may have replaced the last row; the database is the truth.
+            run.rewrite_metrics(coordinator.history)
+            save_async_outputs(run, config, coordinator, started)
+        else:
+            save_outputs(run, config, coordinator.weights, coordinator.history, started)
 
     app = create_app(coordinator, join_token=token, run_id=run_id, on_done=finish)
     sock = _bind(options.host, options.port)
@@ -162,7 +176,13 @@ def serve(
     )
     announce(f"fedlearn server listening on {url}")
     announce(f"join token: {token}")
-    where = "resuming after round " + str(coordinator.state.version) if resumed else "new run"
+    if config.mode == "async":
+        where = (f"resuming after update {coordinator.state.updates}, version "
+                 f"{coordinator.state.version}" if isinstance(coordinator, AsyncCoordinator)
+                 and resumed else "new run")
+        where += f", async {config.async_policy}"
+    else:
+        where = "resuming after round " + str(coordinator.state.version) if resumed else "new run"
     announce(f"run directory {run.path} ({where}); waiting for {config.min_clients} clients")
 
     async def main() -> None:
@@ -185,16 +205,22 @@ def serve(
         store.close()
         (run.path / ENDPOINT_FILE).unlink(missing_ok=True)
     if not coordinator.done:
+        end = "its stop rule" if config.mode == "async" else f"round {config.rounds}"
         raise RunStateError(
-            f"the server stopped before round {config.rounds}; resume with "
+            f"the server stopped before {end}; resume with "
             f"`fedlearn server --resume {run.path}`."
         )
     return run.read_summary()
 
 
 async def _grace(app: Any, coordinator: Any) -> None:
-    """Give online clients a moment to hear 'done' before the server goes away."""
-    deadline = time.monotonic() + DONE_GRACE_SECONDS
+    """Give online clients a moment to hear 'done' before the server goes away.
+
+    In async mode clients are mid-training when the run stops; each hears
+    'done' when it next polls, after its update is refused, so they get longer.
+    """
+    extra = ASYNC_GRACE_SECONDS if coordinator.config.mode == "async" else 0.0
+    deadline = time.monotonic() + DONE_GRACE_SECONDS + extra
     while time.monotonic() < deadline:
         online = {c for c, rec in coordinator._clients.items() if rec.online}
         if online <= app.state.acknowledged:
@@ -223,6 +249,31 @@ def save_outputs(
         "median_round_seconds": _median([h["seconds"] for h in history[1:] if h.get("seconds")]),
     })
     run.write_report(f"federated ({config.strategy}): {config.model} on {config.dataset}")
+
+
+def save_async_outputs(
+    run: RunDir, config: ServerConfig, coordinator: AsyncCoordinator, started: float
+) -> None:
+    """model.safetensors, summary.json and report.png at the end of an async run."""
+    run.save_model(coordinator.weights)
+    history = coordinator.history
+    last = history[-1] if history else {}
+    run.write_summary({
+        "mode": "async",
+        "policy": config.async_policy,
+        "dataset": config.dataset,
+        "model": config.model,
+        "updates": coordinator.state.updates,
+        "versions": coordinator.state.version,
+        "clients": coordinator.status()["registered"],
+        "final_accuracy": last.get("accuracy"),
+        "final_loss": last.get("loss"),
+        "mean_staleness": coordinator.mean_staleness,
+        "training_seconds": coordinator.seconds(),
+        "wall_seconds": time.perf_counter() - started,
+    })
+    run.write_report(f"federated async ({config.async_policy}): {config.model} on "
+                     f"{config.dataset}")
 
 
 def _median(xs: list[float]) -> float | None:

@@ -113,36 +113,49 @@ class Store:
 
     # -- rounds and checkpoints -----------------------------------------------
     def commit_round(
-        self, record: dict[str, Any], weights: Weights | None, extra_meta: dict[str, Any]
+        self,
+        record: dict[str, Any] | None,
+        weights: Weights | None,
+        extra_meta: dict[str, Any],
+        *,
+        key: int | None = None,
     ) -> None:
         """Record one finished round; with ``weights``, checkpoint them first.
 
-        ``record`` needs ``round``; ``extra_meta`` is stored in the same transaction
-        (strategy state, counters).
+        ``record`` needs ``round`` unless ``key`` is given: the number the record
+        and the checkpoint are filed under (an async run files them by update
+        count, and may checkpoint without a record: ``record`` None).
+        ``extra_meta`` is stored in the same transaction (strategy state, counters).
         """
-        version = int(record["round"])
+        if key is None:
+            if record is None:
+                raise ValueError("commit_round needs a record with 'round' or a key")
+            key = int(record["round"])
+        version = int(key)
         if weights is not None:
             atomic_write_bytes(self._checkpoint_path(version), encode(weights))
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                cur.execute(
-                    "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        version, record.get("accuracy"), record.get("loss"),
-                        record.get("seconds"), record.get("clients"), record.get("examples"),
-                        record.get("attempts"), json.dumps(record), time.time(),
-                    ),
-                )
+                if record is not None:
+                    cur.execute(
+                        "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            version, record.get("accuracy"), record.get("loss"),
+                            record.get("seconds"), record.get("clients"),
+                            record.get("examples"), record.get("attempts"),
+                            json.dumps(record), time.time(),
+                        ),
+                    )
                 if weights is not None:
                     cur.execute(
                         "INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)",
                         (json.dumps(version),),
                     )
-                for key, value in extra_meta.items():
+                for name, value in extra_meta.items():
                     cur.execute(
-                        "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value))
+                        "INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, json.dumps(value))
                     )
                 cur.execute("COMMIT")
             except BaseException:
@@ -152,19 +165,22 @@ class Store:
             self._prune_checkpoints(keep_from=version)
 
     def rounds(self) -> list[dict[str, Any]]:
-        """Every recorded round's metrics record, in order."""
+        """Every recorded round's (or async update's) metrics record, in order of key."""
         with self._lock:
             rows = self._db.execute("SELECT record FROM rounds ORDER BY round").fetchall()
         return [json.loads(r[0]) for r in rows]
 
     def truncate_rounds(self, after: int) -> int:
-        """Forget rounds after ``after`` (they are redone on resume); returns how many."""
+        """Forget records filed after key ``after`` (redone on resume); returns how many."""
         with self._lock:
             cur = self._db.execute("DELETE FROM rounds WHERE round > ?", (after,))
             return int(cur.rowcount)
 
     def latest_checkpoint(self) -> tuple[int, Weights] | None:
-        """(version, weights) of the committed checkpoint, or None before the first."""
+        """(key, weights) of the committed checkpoint, or None before the first.
+
+        The key is the round for a sync run and the update count for an async one.
+        """
         version = self.get_meta("checkpoint")
         if version is None:
             return None

@@ -1,0 +1,410 @@
+"""Asynchronous federation with no web code: clock, evaluator and store are passed in.
+
+No rounds: a client polls, gets ``train`` with the current version at once,
+pulls the model, trains and pushes its delta with the version it started
+from; :meth:`AsyncCoordinator.submit` merges it with the run's policy
+(:mod:`fedlearn.strategies.async_policies`) as it arrives.
+
+Many readers, one writer: merges are serialised by one lock, held only to
+check the update and fold it in. Every version's weights are an immutable
+:class:`Snapshot`, so :meth:`~AsyncCoordinator.model_bytes` reads a reference
+and never waits for a merge. Evaluation and checkpoints run outside the lock,
+in :meth:`~AsyncCoordinator.step`, which the app's driver calls from a worker
+thread: due ones are queued (with a snapshot of the state) as updates arrive.
+
+The run waits for ``min_clients`` clients before the first task (as a sync
+run waits before round 1, so a run's clock starts when its clients are
+there; an update that arrives first is merged and starts it), then stops
+after ``max_updates`` merged updates or ``max_seconds`` of training,
+whichever comes first. The last state is always evaluated and
+checkpointed. A fedbuff buffer not yet applied is lost in a crash; nothing
+checkpointed is.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fedlearn.config import ServerConfig
+from fedlearn.errors import AuthError, ConflictError, PayloadError
+from fedlearn.seeding import derive_seed
+from fedlearn.server.async_types import (
+    DONE,
+    WAIT,
+    AsyncTask,
+    ClientRecord,
+    Due,
+    Merged,
+    Snapshot,
+)
+from fedlearn.server.coordinator import Evaluator
+from fedlearn.server.store import Store, hash_secret
+from fedlearn.strategies.async_policies import AsyncState, make_policy
+from fedlearn.types import Weights
+from fedlearn.weights import Spec, check, spec_of
+
+__all__ = ["DONE", "WAIT", "AsyncCoordinator", "AsyncTask", "Merged", "Snapshot"]
+
+#: The meta key of the counters saved with each checkpoint.
+META_KEY = "async_state"
+
+
+class AsyncCoordinator:
+    """Merges updates as they arrive until ``max_updates`` or ``max_seconds`` (see module doc)."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        initial: Weights,
+        *,
+        store: Store,
+        evaluator: Evaluator,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[], None] | None = None,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+        on_merge: Callable[[Merged], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.evaluator = evaluator
+        self.clock = clock
+        self.on_change = on_change or (lambda: None)
+        self.on_round = on_round or (lambda record: None)
+        #: Called under the writer lock with each accepted update, in order; keep it quick.
+        self.on_merge = on_merge or (lambda merged: None)
+        self.policy = make_policy(config.async_policy, alpha=config.async_alpha,
+                                  staleness_fn=config.staleness_fn, server_lr=config.server_lr)
+        self.spec: Spec = spec_of(initial)
+        self._lock = threading.Lock()
+        self._clients: dict[str, ClientRecord] = {}
+        self._by_credential: dict[str, str] = {}
+        for row in store.clients():
+            self._add_client(ClientRecord(row.client_id, row.credential_hash, row.num_examples))
+        self._tasks: dict[str, int] = {}  # train tasks handed to each client (seeds)
+        self._staleness_sum = 0
+        self._last_staleness = 0
+        self._elapsed = 0.0  # seconds of training before this process
+        resumed = store.latest_checkpoint()
+        saved = store.get_meta(META_KEY)
+        restored = resumed is not None and isinstance(saved, dict)
+        if resumed is not None and isinstance(saved, dict):
+            key, weights = resumed
+            check(weights, self.spec)
+            store.truncate_rounds(key)
+            self.state = AsyncState(
+                weights=weights, version=int(saved["version"]), updates=key,
+                absorbed_examples=int(saved["absorbed_examples"]),
+            )
+            self._staleness_sum = int(saved["staleness_sum"])
+            self._elapsed = float(saved["seconds"])
+            self._tasks = {str(k): int(v) for k, v in saved["tasks"].items()}
+        else:
+            store.truncate_rounds(0)  # records before the first checkpoint are redone
+            self.state = AsyncState(weights={k: v.copy() for k, v in initial.items()})
+        self._snapshot = Snapshot(self.state.version, self.state.weights)
+        self.history: list[dict[str, Any]] = store.rounds()
+        self.phase = "waiting"  # -> training -> stopping -> done
+        self._started: float | None = None
+        self._due: list[Due] = []
+        self._committing = False
+        self._save_due = False
+        # (updates, version) last queued for evaluation and for a checkpoint
+        here = (self.state.updates, self.state.version)
+        last = self.history[-1] if self.history else {}
+        self._evaluated = (last.get("update", -1), last.get("version", -1))
+        self._saved = here if restored else (-1, -1)
+        if self._limit_reached_locked():
+            self.phase = "done"
+
+    # -- clients ----------------------------------------------------------------
+    def _add_client(self, client: ClientRecord) -> None:
+        old = self._clients.get(client.client_id)
+        if old is not None:
+            self._by_credential.pop(old.credential_hash, None)
+        self._clients[client.client_id] = client
+        self._by_credential[client.credential_hash] = client.client_id
+
+    def register(self, client_id: str, num_examples: int | None = None) -> str:
+        """Register (or re-register) a client; returns its new credential."""
+        if not client_id or len(client_id) > 128 or not client_id.isprintable():
+            raise PayloadError("client_id must be 1 to 128 printable characters.")
+        credential = secrets.token_urlsafe(32)
+        digest = hash_secret(credential)
+        self.store.upsert_client(client_id, digest, num_examples)
+        with self._lock:
+            self._add_client(ClientRecord(client_id, digest, num_examples, True, self.clock()))
+            self._maybe_start_locked()
+        self.on_change()
+        return credential
+
+    def authenticate(self, credential: str) -> str:
+        """The client id a credential belongs to; AuthError if none."""
+        cid = self._by_credential.get(hash_secret(credential))
+        if cid is None:
+            raise AuthError(
+                "unknown client credential; register again with the run's join token."
+            )
+        return cid
+
+    # -- tasks and model --------------------------------------------------------
+    def poll(self, client_id: str) -> AsyncTask:
+        """``train`` at once while the run goes on; ``wait`` before it starts; then ``done``."""
+        with self._lock:
+            before = self.phase
+            client = self._clients[client_id]
+            changed = not client.online
+            client.online, client.last_seen = True, self.clock()
+            self._maybe_start_locked()
+            self._check_time_locked()
+            if self.phase in ("stopping", "done"):
+                task = DONE
+            elif self.phase == "waiting":
+                task = WAIT
+            else:
+                count = self._tasks.get(client_id, 0) + 1
+                self._tasks[client_id] = count
+                seed = derive_seed("async-task", self.config.seed, client_id, count)
+                task = AsyncTask("train", self.state.version, seed)
+            changed = changed or self.phase != before
+        if changed:
+            self.on_change()
+        return task
+
+    def model_bytes(self) -> tuple[bytes, int]:
+        """The current global model as safetensors bytes and its version (never waits)."""
+        snap = self._snapshot
+        return snap.encoded(), snap.version
+
+    # -- updates ----------------------------------------------------------------
+    def submit(
+        self,
+        client_id: str,
+        version: int,
+        delta: Weights,
+        num_examples: int,
+        metrics: dict[str, float] | None = None,
+    ) -> Merged:
+        """Merge one delta trained from ``version``; ConflictError if it cannot be taken."""
+        check(delta, self.spec)
+        if num_examples < 1:
+            raise PayloadError(f"num_examples must be at least 1, got {num_examples}.")
+        if version < 0:
+            raise PayloadError(f"version must be 0 or more, got {version}.")
+        with self._lock:
+            self._clients[client_id].online = True
+            self._maybe_start_locked()
+            self._check_time_locked()
+            if self.phase in ("stopping", "done"):
+                raise ConflictError("the run is over; no more updates are taken.")
+            if self.phase == "waiting":
+                # Only tasks wait for min_clients: a client still holding a valid
+                # base (after a server restart) is not turned away.
+                self.phase, self._started = "training", self.clock()
+            state = self.state
+            if version > state.version:
+                raise ConflictError(
+                    f"the update claims version {version} but the global model is at version "
+                    f"{state.version}; fetch the model again."
+                )
+            staleness = state.version - version
+            limit = self.config.max_staleness
+            if limit is not None and staleness > limit:
+                raise ConflictError(
+                    f"the update from version {version} is {staleness} versions stale, over "
+                    f"--max-staleness {limit}; fetch the model again."
+                )
+            new = self.policy.merge(state, delta, num_examples, staleness)
+            self._staleness_sum += staleness
+            self._last_staleness = staleness
+            self._set_state_locked(new)
+            merged = Merged(new.updates, client_id, version, staleness, num_examples,
+                            new.version)
+            self.on_merge(merged)
+            self._schedule_locked()
+            if self._limit_reached_locked():
+                self._stop_locked()
+        self.on_change()
+        return merged
+
+    def _set_state_locked(self, new: AsyncState) -> None:
+        if new.version != self.state.version:
+            self._snapshot = Snapshot(new.version, new.weights)
+        self.state = new
+
+    # -- the stop rule, evaluation and checkpoints ------------------------------
+    def seconds(self) -> float:
+        """Seconds of training so far (across resumes)."""
+        started = self._started
+        return self._elapsed + (0.0 if started is None else self.clock() - started)
+
+    def _maybe_start_locked(self) -> None:
+        if self.phase != "waiting":
+            return
+        online = sum(1 for c in self._clients.values() if c.online)
+        if online >= self.config.min_clients:
+            self.phase = "training"
+            self._started = self.clock()
+
+    def _limit_reached_locked(self) -> bool:
+        cfg = self.config
+        if cfg.max_updates is not None and self.state.updates >= cfg.max_updates:
+            return True
+        return cfg.max_seconds is not None and self.seconds() >= cfg.max_seconds
+
+    def _check_time_locked(self) -> None:
+        if self.phase == "training" and self._limit_reached_locked():
+            self._stop_locked()
+
+    def _schedule_locked(self, final: bool = False) -> None:
+        """Queue the evaluation and checkpoint due at the current state, if any.
+
+        ``final``: the run stopped, so the state is evaluated and saved unless
+        that was already queued for this very state.
+        """
+        state = self.state
+        cfg = self.config
+        if state.updates % cfg.save_every == 0:
+            self._save_due = True
+        here = (state.updates, state.version)
+        evaluate = (final or state.updates % cfg.eval_every == 0) and here != self._evaluated
+        # A checkpoint holds the model only: wait until fedbuff's buffer is empty.
+        save = ((final or self._save_due) and state.buffered == 0 and here != self._saved)
+        if not (evaluate or save):
+            return
+        if evaluate:
+            self._evaluated = here
+        if save:
+            self._saved, self._save_due = here, False
+        seconds = self.seconds()
+        meta = {
+            "version": state.version, "updates": state.updates,
+            "absorbed_examples": state.absorbed_examples, "staleness_sum": self._staleness_sum,
+            "seconds": seconds, "tasks": dict(self._tasks),
+        }
+        self._due.append(Due(
+            state, evaluate, save, seconds, self._last_staleness,
+            self._staleness_sum / state.updates if state.updates else 0.0, meta,
+        ))
+
+    def _stop_locked(self) -> None:
+        if self.phase in ("stopping", "done"):
+            return
+        if self._started is not None:
+            self._elapsed, self._started = self.seconds(), None
+        self._set_state_locked(self.policy.flush(self.state))
+        self.phase = "stopping"
+        self._schedule_locked(final=True)
+
+    def seconds_to_deadline(self) -> float | None:
+        """Seconds until ``max_seconds`` is up (None when not training or no such limit)."""
+        with self._lock:
+            if self.phase != "training" or self.config.max_seconds is None:
+                return None
+            return max(0.0, self.config.max_seconds - self.seconds())
+
+    def step(self) -> bool:
+        """Start, stop, evaluate or checkpoint whatever is due. True if it did something."""
+        with self._lock:
+            before = self.phase
+            self._maybe_start_locked()
+            self._check_time_locked()
+            changed = self.phase != before
+        if changed:
+            self.on_change()
+        did = self._commit_due() or changed
+        with self._lock:
+            finished = self.phase == "stopping" and not self._due and not self._committing
+            if finished:
+                self.phase = "done"
+        if finished:
+            self.on_change()
+        return did or finished
+
+    def _commit_due(self) -> bool:
+        """Evaluate and commit queued states, oldest first; True if any was committed."""
+        did = False
+        while True:
+            with self._lock:
+                if not self._due or self._committing:
+                    return did
+                self._committing = True
+                due = self._due[0]
+            try:
+                self._commit_one(due)
+                did = True
+            finally:
+                with self._lock:
+                    self._committing = False
+
+    def _commit_one(self, due: Due) -> None:
+        state = due.state
+        record: dict[str, Any] | None = None
+        if due.evaluate:
+            result = self.evaluator(state.weights)
+            record = {
+                "update": state.updates, "version": state.version,
+                "accuracy": result.accuracy, "loss": result.loss, "seconds": due.seconds,
+                "staleness": due.staleness, "mean_staleness": due.mean_staleness,
+                "examples": state.absorbed_examples, "buffered": state.buffered,
+                "clients": len(self._clients),
+            }
+        self.store.commit_round(
+            record, state.weights if due.save else None,
+            {META_KEY: due.meta} if due.save else {}, key=state.updates,
+        )
+        with self._lock:
+            self._due.pop(0)
+            if record is not None:
+                # A final fedbuff flush re-evaluates the last update's number.
+                if self.history and self.history[-1].get("update") == state.updates:
+                    self.history[-1] = record
+                else:
+                    self.history.append(record)
+        if record is not None:
+            self.on_round(record)
+        self.on_change()
+
+    # -- status -----------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """A JSON-able snapshot for ``GET /api/status``."""
+        with self._lock:
+            state = self.state
+            return {
+                "mode": "async",
+                "state": self.phase,
+                "policy": self.config.async_policy,
+                "version": state.version,
+                "updates": state.updates,
+                "buffered": state.buffered,
+                "max_updates": self.config.max_updates,
+                "max_seconds": self.config.max_seconds,
+                "seconds": self.seconds(),
+                "mean_staleness": self.mean_staleness,
+                "registered": len(self._clients),
+                "active": sum(1 for c in self._clients.values() if c.online),
+                "history": [
+                    {"update": h["update"], "version": h["version"], "accuracy": h["accuracy"],
+                     "loss": h["loss"]}
+                    for h in self.history
+                ],
+            }
+
+    @property
+    def mean_staleness(self) -> float:
+        """Mean staleness of the updates merged so far (0 before the first)."""
+        updates = self.state.updates
+        return self._staleness_sum / updates if updates else 0.0
+
+    @property
+    def weights(self) -> Weights:
+        """The current global model (read-only arrays)."""
+        return self._snapshot.weights
+
+    @property
+    def done(self) -> bool:
+        """True once the stop rule fired and the last state is evaluated and saved."""
+        return self.phase == "done"
