@@ -57,6 +57,8 @@ test: install data check
 # Benchmarks of BENCHMARKS.md: each prints a table and writes benchmarks/results/<name>.json.
 bench: install data
 	$(BIN)/python benchmarks/w1_six_clients.py
+	$(BIN)/python benchmarks/w2_hundred_clients.py
+	$(BIN)/python benchmarks/w4_stragglers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -17,7 +17,8 @@ from tests.conftest import cli_env, run_cli
 
 pytestmark = pytest.mark.slow
 
-# `fedlearn run`'s defaults, spelled out so both commands surely train alike.
+# `fedlearn run`'s defaults, spelled out so both commands surely train alike; the
+# simulator uses one torch thread, as each HTTP client does.
 TRAIN = ["--optimizer", "adam", "--lr", "0.001", "--batch-size", "32", "--local-epochs", "1"]
 # The sim command alone, in case fedlearn's app does not list it (same flags either way).
 SIM_ONLY = ("import typer; from fedlearn.cli.sim_cmd import sim; "
@@ -46,7 +47,7 @@ def test_http_run_and_both_engines_reach_the_same_model(tmp_path: Path) -> None:
         out = tmp_path / engine
         res = run_sim(["--dataset", "digits", "--clients", "3", "--per-round", "3",
                        "--rounds", "3", "--seed", "0", "--engine", engine, *TRAIN,
-                       "--out", str(out)], env)
+                       "--threads", "1", "--out", str(out)], env)
         assert res.returncode == 0, res.stdout + res.stderr
         summary = json.loads((out / "summary.json").read_text())
         assert summary["engine"] == engine and summary["rounds"] == 3

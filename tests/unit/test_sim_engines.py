@@ -7,6 +7,7 @@ weights, rows, seed and optimizer, to float tolerance.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,15 @@ from fedlearn.types import Weights
 
 SHAPE = (1, 4, 4)
 CLASSES = 3
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Toy-sized tensors train fastest (and steadiest on a busy machine) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def toy_data(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +126,8 @@ def test_engine_does_not_change_its_inputs(engine: str, sizes: list[int]) -> Non
     x0, y0 = x.clone(), y.clone()
     weights = get_weights(build_model("mlp", SHAPE, CLASSES, seed=2))
     before = {k: v.copy() for k, v in weights.items()}
+    for v in weights.values():
+        v.setflags(write=False)  # as decoded safetensors are; no warning, no copy needed
     tasks = tasks_of(sizes)
     rows = [t.indices.copy() for t in tasks]
     cfg = TrainConfig(optimizer="adam", lr=0.01, batch_size=8)
@@ -124,6 +136,32 @@ def test_engine_does_not_change_its_inputs(engine: str, sizes: list[int]) -> Non
     assert all(np.array_equal(before[k], weights[k]) for k in weights)
     assert torch.equal(x, x0) and torch.equal(y, y0)
     assert all(np.array_equal(r, t.indices) for r, t in zip(rows, tasks, strict=True))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_one_engine_serves_rounds_of_any_size(engine: str, optimizer: str) -> None:
+    """An engine keeps working buffers between rounds; rounds may grow and shrink."""
+    x, y = toy_data()
+    cfg = TrainConfig(optimizer=optimizer, lr=0.05, momentum=0.9 if optimizer == "sgd" else 0,
+                      batch_size=16)
+    model = build_model("mlp", SHAPE, CLASSES, seed=5)
+    eng = make_engine(engine, model, x, y, cfg)
+    kept = []
+    for round_sizes in ([30, 60, 10], [50], [12, 70, 33, 9, 40], [25, 25]):
+        weights = get_weights(build_model("mlp", SHAPE, CLASSES, seed=len(round_sizes)))
+        tasks = tasks_of(round_sizes, seed=len(round_sizes))
+        expected = reference(weights, tasks, cfg, x, y)
+        updates = eng.train_round(weights, tasks, cfg)
+        kept.append((updates, {u.client_id: {k: v.copy() for k, v in u.delta.items()}
+                               for u in updates}))
+        for u in updates:
+            for k, v in expected[u.client_id][0].items():
+                np.testing.assert_allclose(u.delta[k], v, rtol=0, atol=2e-5, err_msg=k)
+    # Later rounds did not write into the deltas handed out earlier.
+    for updates, copies in kept:
+        assert all(np.array_equal(u.delta[k], copies[u.client_id][k])
+                   for u in updates for k in u.delta)
 
 
 def test_engines_agree_over_several_rounds() -> None:
@@ -173,11 +211,10 @@ def test_schedule_epochs_use_each_epochs_permutation() -> None:
     assert plan.active == [1] * 6
     orders = epoch_orders(20, 2, task.seed)
     for e in range(2):
-        got = plan.rows[3 * e : 3 * e + 3, 0].reshape(-1)[:20].tolist()
-        # The third batch of an epoch holds 4 real rows, then padding.
-        got = plan.rows[3 * e : 3 * e + 2, 0].reshape(-1).tolist() + plan.rows[3 * e + 2, 0,
-                                                                                  :4].tolist()
-        assert got == task.indices[orders[e]].tolist()
+        # Three steps per epoch: two full batches of 8, then the last 4 rows and padding.
+        epoch = plan.rows[3 * e : 3 * e + 3, 0].reshape(-1)[:20].tolist()
+        assert epoch == task.indices[orders[e]].tolist()
+        assert plan.scale[3 * e + 2, 0].tolist() == [0.25] * 4 + [0.0] * 4
 
 
 def test_vectorized_falls_back_for_a_model_it_cannot_stack() -> None:

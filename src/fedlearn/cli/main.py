@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from fedlearn.cli import baseline_cmds, client_cmd, run_cmd, server_cmds
+from fedlearn.cli import baseline_cmds, client_cmd, run_cmd, server_cmds, sim_cmd
 from fedlearn.cli.common import err_console
 from fedlearn.errors import FedlearnError
 
@@ -20,6 +20,7 @@ app = typer.Typer(
 app.command()(server_cmds.server)
 app.command()(client_cmd.client)
 app.command()(run_cmd.run)
+app.command()(sim_cmd.sim)
 app.command()(baseline_cmds.centralized)
 app.command()(baseline_cmds.local)
 app.command()(baseline_cmds.evaluate)

@@ -54,7 +54,7 @@ AsyncAlphaOpt = Annotated[
                                "[default: 0.6]")
 ]
 StalenessFnOpt = Annotated[
-    str | None, typer.Option("--staleness-fn", help="async: polynomial[:A], hinge[:A:B] or "
+    str | None, typer.Option("--staleness-fn", help="async: polynomial[:0.5], hinge[:10:4] or "
                              "constant. [default: polynomial (A=0.5)]")
 ]
 MaxStalenessOpt = Annotated[

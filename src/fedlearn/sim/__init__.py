@@ -9,6 +9,7 @@ the HTTP server); an :class:`Engine` trains the sampled clients of a round.
 from fedlearn.sim.base import ENGINES, ClientTask, ClientUpdate, Engine
 from fedlearn.sim.engine import (
     SimConfig,
+    Simulation,
     aggregate,
     client_ids,
     config_record,
@@ -25,6 +26,7 @@ __all__ = [
     "Engine",
     "SequentialEngine",
     "SimConfig",
+    "Simulation",
     "VectorizedEngine",
     "aggregate",
     "client_ids",

@@ -136,6 +136,68 @@ def aggregate(updates: list[ClientUpdate]) -> RunningSum:
     return sums
 
 
+class Simulation:
+    """A simulated run held in memory: data, clients, engine and global model, round by round.
+
+    ``data`` replaces ``load_dataset(config.dataset)`` (tests); ``log`` hears
+    the one-line notice of an engine fallback.
+    """
+
+    def __init__(
+        self,
+        config: SimConfig,
+        *,
+        data: Dataset | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.config = config
+        ds = data if data is not None else load_dataset(config.dataset)
+        self.model = build_model(config.model, ds.input_shape, ds.num_classes, seed=config.seed)
+        try:
+            parts = partition(ds.y_train, config.clients, config.partition, config.seed)
+        except PartitionError as exc:
+            raise ConfigError(f"--partition: {exc}") from None
+        self.ids = client_ids(config.clients)
+        self.rows = dict(zip(self.ids, parts, strict=True))
+        train = Shard.from_numpy(ds.x_train, ds.y_train)
+        self.test = Shard.from_numpy(ds.x_test, ds.y_test)
+        self.engine = make_engine(
+            config.engine, self.model, train.x, train.y, config.train, log=log
+        )
+        self.strategy = make_strategy(config.strategy, server_lr=config.server_lr)
+        self.state = self.strategy.init(get_weights(self.model))
+
+    @property
+    def weights(self) -> Weights:
+        """The current global model."""
+        return self.state.weights
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        """Round ``rnd`` (1-based): sample, train, FedAvg, evaluate; its metrics record."""
+        config = self.config
+        t0 = time.perf_counter()
+        sampled = sample_clients(
+            self.ids, config.fraction, seed=config.seed, round_number=rnd, attempt=0, minimum=1
+        )
+        tasks = [
+            ClientTask(cid, self.rows[cid], task_seed(config.seed, rnd, cid)) for cid in sampled
+        ]
+        t1 = time.perf_counter()
+        updates = self.engine.train_round(self.state.weights, tasks, config.train)
+        train_seconds = time.perf_counter() - t1
+        self.state = self.strategy.apply(self.state, aggregate(updates))
+        result = evaluate(self.model, self.test, self.state.weights)
+        return {
+            "round": rnd,
+            "accuracy": result.accuracy,
+            "loss": result.loss,
+            "seconds": time.perf_counter() - t0,
+            "train_seconds": train_seconds,
+            "clients": len(updates),
+            "examples": sum(u.num_examples for u in updates),
+        }
+
+
 def run_simulation(
     config: SimConfig,
     run: RunDir,
@@ -153,45 +215,15 @@ def run_simulation(
     ``summary.json`` and ``report.png``. Returns the summary.
     """
     started = time.perf_counter()
-    ds = data if data is not None else load_dataset(config.dataset)
-    model = build_model(config.model, ds.input_shape, ds.num_classes, seed=config.seed)
-    try:
-        parts = partition(ds.y_train, config.clients, config.partition, config.seed)
-    except PartitionError as exc:
-        raise ConfigError(f"--partition: {exc}") from None
-    ids = client_ids(config.clients)
-    rows = dict(zip(ids, parts, strict=True))
-    train = Shard.from_numpy(ds.x_train, ds.y_train)
-    test = Shard.from_numpy(ds.x_test, ds.y_test)
-    engine = make_engine(config.engine, model, train.x, train.y, config.train, log=log)
-    strategy = make_strategy(config.strategy, server_lr=config.server_lr)
-    state = strategy.init(get_weights(model))
+    sim = Simulation(config, data=data, log=log)
     history: list[dict[str, Any]] = []
     for rnd in range(1, config.rounds + 1):
-        t0 = time.perf_counter()
-        sampled = sample_clients(
-            ids, config.fraction, seed=config.seed, round_number=rnd, attempt=0, minimum=1
-        )
-        tasks = [ClientTask(cid, rows[cid], task_seed(config.seed, rnd, cid)) for cid in sampled]
-        t1 = time.perf_counter()
-        updates = engine.train_round(state.weights, tasks, config.train)
-        train_seconds = time.perf_counter() - t1
-        state = strategy.apply(state, aggregate(updates))
-        result = evaluate(model, test, state.weights)
-        record = {
-            "round": rnd,
-            "accuracy": result.accuracy,
-            "loss": result.loss,
-            "seconds": time.perf_counter() - t0,
-            "train_seconds": train_seconds,
-            "clients": len(updates),
-            "examples": sum(u.num_examples for u in updates),
-        }
+        record = sim.run_round(rnd)
         history.append(record)
         run.append_metrics(record)
         if on_round is not None:
             on_round(record)
-    return _finish(run, config, engine.name, state.weights, history, started)
+    return _finish(run, config, sim.engine.name, sim.weights, history, started)
 
 
 def _finish(
