@@ -67,6 +67,26 @@ def federated(rounds: int, out: Path) -> dict[str, object]:
             "median_round_seconds": median([r["seconds"] for r in rows[1:]])}
 
 
+def simulated(rounds: int) -> dict[str, float]:
+    """Median seconds per round of the same workload in ``fedlearn sim`` (each engine)."""
+    import torch
+
+    from fedlearn.config import TrainConfig
+    from fedlearn.sim.engine import SimConfig, Simulation
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = {}
+    for engine in ("vectorized", "sequential"):
+        sim = Simulation(SimConfig(
+            clients=6, per_round=6, partition="iid", rounds=rounds, engine=engine,
+            dataset="fashion-mnist", model="mlp", seed=0,
+            train=TrainConfig(epochs=1, batch_size=32, optimizer="adam", lr=1e-3),
+        ))
+        times = [float(sim.run_round(r)["seconds"]) for r in range(1, rounds + 1)]
+        out[engine] = median(times[1:])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=50)
@@ -88,6 +108,8 @@ def main() -> None:
     floor, floor_reps = compute_floor(args.floor_reps)
     print(f"federated over HTTP, {args.rounds} rounds ...", flush=True)
     fed = federated(args.rounds, work / "fed")
+    print("simulator, 6 rounds per engine ...", flush=True)
+    sim = simulated(6)
     print(f"local only, {args.local_epochs_alone} epochs per client ...", flush=True)
     _, local_rows = run_local(ds, "mlp", cfg, RunDir.create(work / "local", {}), clients=6,
                               partition_spec="iid", seed=0)
@@ -115,6 +137,8 @@ def main() -> None:
         ["median seconds per round over HTTP", f"{mrs:.3f}"],
         ["compute floor per round (6 local epochs / cores)", f"{floor:.3f}"],
         ["ratio round / floor", f"{mrs / floor:.2f}x"],
+        ["median seconds per round, fedlearn sim (vectorized)", f"{sim['vectorized']:.3f}"],
+        ["median seconds per round, fedlearn sim (sequential)", f"{sim['sequential']:.3f}"],
     ]))
     path = write_json("w1_six_clients", {
         "rounds": args.rounds,
@@ -129,6 +153,7 @@ def main() -> None:
         "compute_floor_reps": floor_reps,
         "ratio_round_to_floor": mrs / floor,
         "federated_wall_seconds": fed["wall_seconds"],
+        "sim_median_round_seconds": sim,
     })
     print(f"\nwrote {path}")
 
