@@ -186,7 +186,7 @@ def create_app(
         if not isinstance(payload, dict) or not isinstance(payload.get("client_id"), str):
             raise PayloadError("register body must be JSON with a string client_id.")
         n = payload.get("num_examples")
-        if n is not None and (not isinstance(n, int) or n < 0):
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
             raise PayloadError("num_examples must be a non-negative integer.")
         credential = await run_in_threadpool(coordinator.register, payload["client_id"], n)
         cfg = coordinator.config

@@ -23,26 +23,25 @@ checkpointed is.
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from fedlearn.config import ServerConfig
-from fedlearn.errors import AuthError, ConflictError, PayloadError
+from fedlearn.errors import ConflictError, PayloadError
 from fedlearn.seeding import derive_seed
 from fedlearn.server.async_types import (
     DONE,
     WAIT,
     AsyncTask,
-    ClientRecord,
     Due,
     Merged,
     Snapshot,
 )
+from fedlearn.server.clients import ClientRegistry
 from fedlearn.server.coordinator import Evaluator
-from fedlearn.server.store import Store, hash_secret
+from fedlearn.server.store import Store
 from fedlearn.strategies.async_policies import AsyncState, make_policy
 from fedlearn.types import Weights
 from fedlearn.weights import Spec, check, spec_of
@@ -80,10 +79,7 @@ class AsyncCoordinator:
                                   staleness_fn=config.staleness_fn, server_lr=config.server_lr)
         self.spec: Spec = spec_of(initial)
         self._lock = threading.Lock()
-        self._clients: dict[str, ClientRecord] = {}
-        self._by_credential: dict[str, str] = {}
-        for row in store.clients():
-            self._add_client(ClientRecord(row.client_id, row.credential_hash, row.num_examples))
+        self._clients = ClientRegistry(store)
         self._tasks: dict[str, int] = {}  # train tasks handed to each client (seeds)
         self._staleness_sum = 0
         self._last_staleness = 0
@@ -121,34 +117,19 @@ class AsyncCoordinator:
             self.phase = "done"
 
     # -- clients ----------------------------------------------------------------
-    def _add_client(self, client: ClientRecord) -> None:
-        old = self._clients.get(client.client_id)
-        if old is not None:
-            self._by_credential.pop(old.credential_hash, None)
-        self._clients[client.client_id] = client
-        self._by_credential[client.credential_hash] = client.client_id
-
     def register(self, client_id: str, num_examples: int | None = None) -> str:
         """Register (or re-register) a client; returns its new credential."""
-        if not client_id or len(client_id) > 128 or not client_id.isprintable():
-            raise PayloadError("client_id must be 1 to 128 printable characters.")
-        credential = secrets.token_urlsafe(32)
-        digest = hash_secret(credential)
-        self.store.upsert_client(client_id, digest, num_examples)
+        credential, digest = ClientRegistry.new_credential(client_id)
+        self._clients.save(client_id, digest, num_examples)
         with self._lock:
-            self._add_client(ClientRecord(client_id, digest, num_examples, True, self.clock()))
+            self._clients.add(client_id, digest, num_examples, self.clock())
             self._maybe_start_locked()
         self.on_change()
         return credential
 
     def authenticate(self, credential: str) -> str:
         """The client id a credential belongs to; AuthError if none."""
-        cid = self._by_credential.get(hash_secret(credential))
-        if cid is None:
-            raise AuthError(
-                "unknown client credential; register again with the run's join token."
-            )
-        return cid
+        return self._clients.authenticate(credential)
 
     # -- tasks and model --------------------------------------------------------
     def poll(self, client_id: str) -> AsyncTask:
@@ -244,7 +225,7 @@ class AsyncCoordinator:
     def _maybe_start_locked(self) -> None:
         if self.phase != "waiting":
             return
-        online = sum(1 for c in self._clients.values() if c.online)
+        online = sum(1 for c in self._clients if c.online)
         if online >= self.config.min_clients:
             self.phase = "training"
             self._started = self.clock()
@@ -385,7 +366,7 @@ class AsyncCoordinator:
                 "seconds": self.seconds(),
                 "mean_staleness": self.mean_staleness,
                 "registered": len(self._clients),
-                "active": sum(1 for c in self._clients.values() if c.online),
+                "active": sum(1 for c in self._clients if c.online),
                 "history": [
                     {"update": h["update"], "version": h["version"], "accuracy": h["accuracy"],
                      "loss": h["loss"]}

@@ -65,17 +65,6 @@ class Snapshot:
         return data
 
 
-@dataclass
-class ClientRecord:
-    """A registered client as the async coordinator tracks it."""
-
-    client_id: str
-    credential_hash: str
-    num_examples: int | None = None
-    online: bool = False  # seen since this server process started
-    last_seen: float = 0.0
-
-
 @dataclass(frozen=True)
 class Due:
     """An evaluation and/or checkpoint to do outside the lock, of this state."""

@@ -9,7 +9,6 @@ evaluation and checkpointing run outside them.
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -17,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedlearn.config import ServerConfig
-from fedlearn.errors import AuthError, ConflictError, PayloadError
+from fedlearn.errors import ConflictError, PayloadError
 from fedlearn.seeding import task_seed
-from fedlearn.server.store import Store, hash_secret
+from fedlearn.server.clients import ClientRegistry
+from fedlearn.server.store import Store
 from fedlearn.strategies import StrategyState, make_strategy, sample_clients
 from fedlearn.types import EvalResult, Weights
 from fedlearn.weights import RunningSum, Spec, check, encode, spec_of
@@ -45,16 +45,6 @@ class Task:
 
 WAIT = Task("wait")
 DONE = Task("done")
-
-
-@dataclass
-class _Client:
-    client_id: str
-    credential_hash: str
-    num_examples: int | None = None
-    online: bool = False  # seen since this server process started
-    dropped: bool = False  # missed a round deadline and not seen since
-    last_seen: float = 0.0
 
 
 @dataclass
@@ -92,10 +82,7 @@ class SyncCoordinator:
         self.strategy = make_strategy(config.strategy, server_lr=config.server_lr)
         self.spec: Spec = spec_of(initial)
         self._lock = threading.Lock()
-        self._clients: dict[str, _Client] = {}
-        self._by_credential: dict[str, str] = {}
-        for row in store.clients():
-            self._add_client(_Client(row.client_id, row.credential_hash, row.num_examples))
+        self._clients = ClientRegistry(store)
         resumed = store.latest_checkpoint()
         if resumed is not None:
             version, weights = resumed
@@ -117,35 +104,18 @@ class SyncCoordinator:
         self._model_cache: tuple[int, bytes] | None = None
 
     # -- clients ----------------------------------------------------------------
-    def _add_client(self, client: _Client) -> None:
-        old = self._clients.get(client.client_id)
-        if old is not None:
-            self._by_credential.pop(old.credential_hash, None)
-        self._clients[client.client_id] = client
-        self._by_credential[client.credential_hash] = client.client_id
-
     def register(self, client_id: str, num_examples: int | None = None) -> str:
         """Register (or re-register) a client; returns its new credential."""
-        if not client_id or len(client_id) > 128 or not client_id.isprintable():
-            raise PayloadError("client_id must be 1 to 128 printable characters.")
-        credential = secrets.token_urlsafe(32)
-        digest = hash_secret(credential)
-        self.store.upsert_client(client_id, digest, num_examples)
+        credential, digest = ClientRegistry.new_credential(client_id)
+        self._clients.save(client_id, digest, num_examples)
         with self._lock:
-            self._add_client(
-                _Client(client_id, digest, num_examples, online=True, last_seen=self.clock())
-            )
+            self._clients.add(client_id, digest, num_examples, self.clock())
         self.on_change()
         return credential
 
     def authenticate(self, credential: str) -> str:
         """The client id a credential belongs to; AuthError if none."""
-        cid = self._by_credential.get(hash_secret(credential))
-        if cid is None:
-            raise AuthError(
-                "unknown client credential; register again with the run's join token."
-            )
-        return cid
+        return self._clients.authenticate(credential)
 
     # -- polling and model ------------------------------------------------------
     def poll(self, client_id: str) -> Task:
@@ -266,7 +236,7 @@ class SyncCoordinator:
 
     def _start_round_locked(self, number: int, attempt: int) -> bool:
         self._attempt = attempt
-        candidates = [c.client_id for c in self._clients.values() if c.online and not c.dropped]
+        candidates = [c.client_id for c in self._clients if c.online and not c.dropped]
         # Each server process waits for --min-clients before its first round (so a
         # resumed run samples as the uninterrupted one would); later rounds go on
         # with whoever is still there, but never with fewer than --min-results
@@ -367,7 +337,7 @@ class SyncCoordinator:
                 "version": self.state.version,
                 "rounds": self.config.rounds,
                 "registered": len(self._clients),
-                "active": sum(1 for c in self._clients.values() if c.online and not c.dropped),
+                "active": sum(1 for c in self._clients if c.online and not c.dropped),
                 "sampled": sorted(rnd.sampled) if rnd is not None else [],
                 "received": len(rnd.received) if rnd is not None else 0,
                 "history": [

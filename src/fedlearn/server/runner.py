@@ -222,7 +222,7 @@ async def _grace(app: Any, coordinator: Any) -> None:
     extra = ASYNC_GRACE_SECONDS if coordinator.config.mode == "async" else 0.0
     deadline = time.monotonic() + DONE_GRACE_SECONDS + extra
     while time.monotonic() < deadline:
-        online = {c for c, rec in coordinator._clients.items() if rec.online}
+        online = coordinator._clients.online()
         if online <= app.state.acknowledged:
             break
         await asyncio.sleep(0.05)

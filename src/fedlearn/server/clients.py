@@ -1,0 +1,82 @@
+"""Registered clients and their credentials, shared by the sync and async coordinators.
+
+Only SHA-256 hashes of credentials are kept (in memory and in the store), so a
+resumed server still knows every client that registered before the restart.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from fedlearn.errors import AuthError, PayloadError
+from fedlearn.server.store import Store, hash_secret
+
+
+@dataclass
+class ClientRecord:
+    """A registered client as a coordinator tracks it."""
+
+    client_id: str
+    credential_hash: str
+    num_examples: int | None = None
+    online: bool = False  # seen since this server process started
+    last_seen: float = 0.0
+    dropped: bool = False  # sync: missed a round deadline and not seen since
+
+
+class ClientRegistry:
+    """Client id -> record, and credential hash -> client id (not thread-safe: callers lock)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._clients: dict[str, ClientRecord] = {}
+        self._by_credential: dict[str, str] = {}
+        for row in store.clients():
+            self._add(ClientRecord(row.client_id, row.credential_hash, row.num_examples))
+
+    def _add(self, client: ClientRecord) -> None:
+        old = self._clients.get(client.client_id)
+        if old is not None:
+            self._by_credential.pop(old.credential_hash, None)
+        self._clients[client.client_id] = client
+        self._by_credential[client.credential_hash] = client.client_id
+
+    @staticmethod
+    def new_credential(client_id: str) -> tuple[str, str]:
+        """Check ``client_id`` and make a fresh credential: (credential, its hash)."""
+        if not client_id or len(client_id) > 128 or not client_id.isprintable():
+            raise PayloadError("client_id must be 1 to 128 printable characters.")
+        credential = secrets.token_urlsafe(32)
+        return credential, hash_secret(credential)
+
+    def save(self, client_id: str, digest: str, num_examples: int | None) -> None:
+        """Persist a (re-)registration; call before :meth:`add` and outside the lock."""
+        self.store.upsert_client(client_id, digest, num_examples)
+
+    def add(self, client_id: str, digest: str, num_examples: int | None, now: float) -> None:
+        """Record a (re-)registered client as online; an older credential stops working."""
+        self._add(ClientRecord(client_id, digest, num_examples, online=True, last_seen=now))
+
+    def authenticate(self, credential: str) -> str:
+        """The client id a credential belongs to; AuthError if none."""
+        cid = self._by_credential.get(hash_secret(credential))
+        if cid is None:
+            raise AuthError(
+                "unknown client credential; register again with the run's join token."
+            )
+        return cid
+
+    def __getitem__(self, client_id: str) -> ClientRecord:
+        return self._clients[client_id]
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def __iter__(self) -> Iterator[ClientRecord]:
+        return iter(list(self._clients.values()))
+
+    def online(self) -> set[str]:
+        """Ids of the clients seen since this server process started."""
+        return {c.client_id for c in self._clients.values() if c.online}
