@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,6 @@ from tests.conftest import cli_env, run_cli
 from tests.integration.procs import Procs, endpoint, metrics, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(cli_env(tmp_path), tmp_path / "logs")
-    try:
-        yield p
-    finally:
-        p.stop_all()
 
 
 @pytest.mark.parametrize("policy", ["samples", "fedasync", "fedbuff:3"])

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-import pytest
 from fastapi import FastAPI
 
 from fedlearn.config import ServerConfig
@@ -55,14 +54,6 @@ def one_sentence(response: httpx.Response, status: int) -> str:
     assert isinstance(detail, str)
     assert detail.endswith(".") and "\n" not in detail and len(detail) < 300, detail
     return detail
-
-
-@pytest.fixture
-def stores() -> Iterator[list[Store]]:
-    opened: list[Store] = []
-    yield opened
-    for store in opened:
-        store.close()
 
 
 def build(

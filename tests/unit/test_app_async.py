@@ -4,7 +4,7 @@ httpx.ASGITransport with its lifespan running; every scenario is bounded."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,6 @@ from tests.unit.test_app import (
     vec,
 )
 from tests.unit.test_app import build as build_sync
-
-
-@pytest.fixture
-def stores() -> Iterator[list[Store]]:
-    opened: list[Store] = []
-    yield opened
-    for store in opened:
-        store.close()
 
 
 def build(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +17,9 @@ from fedlearn.server.store import Store
 from fedlearn.strategies.async_policies import AsyncState, make_policy
 from fedlearn.types import Weights
 from fedlearn.weights import decode
-from tests.unit.test_coordinator import Evaluator, FakeClock
+from tests.unit.test_coordinator import INITIAL, Evaluator, FakeClock, vec
 
 THREAD_TIMEOUT = 30.0
-
-
-def vec(a: float, b: float) -> Weights:
-    return {"w": np.array([a, b], np.float32)}
-
-
-INITIAL = vec(1.0, -1.0)
-
-
-@pytest.fixture
-def stores() -> Iterator[list[Store]]:
-    opened: list[Store] = []
-    yield opened
-    for store in opened:
-        store.close()
 
 
 class Harness:
