@@ -112,7 +112,8 @@ def spec_of(w: Weights) -> dict[str, TensorSpec]:
 
 def encode(w: Weights) -> bytes:
     """Weights to safetensors bytes (contiguous copies; no pickle)."""
-    return bytes(st_save({k: np.ascontiguousarray(v) for k, v in w.items()}))
+    # np.ascontiguousarray would turn a 0-d array (a BatchNorm counter) into shape (1,).
+    return bytes(st_save({k: np.require(v, requirements="C") for k, v in w.items()}))
 
 
 def decode(
