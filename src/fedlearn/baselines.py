@@ -1,24 +1,26 @@
-"""The two baselines federation is judged against.
+"""The two baselines federation is judged against, for any task.
 
-* centralized: one model trained on the whole training set;
-* local: each client trains alone on its own partition (no federation).
+* centralized: one model trained on all the training data;
+* local: each client trains alone on its own data (no federation).
 
-Both call :func:`fedlearn.training.train_epochs`, the routine under
-:func:`~fedlearn.training.local_update`, and write a run directory.
+Both train through :class:`~fedlearn.training.Trainer` (the built-in loop keeps
+one optimizer across epochs) and write a run directory. Each is evaluated
+on the task's test data when it has some, else on the local test split.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fedlearn.config import TrainConfig
-from fedlearn.data import Dataset, partition
-from fedlearn.models import build_model, get_weights
-from fedlearn.runs import RunDir
-from fedlearn.training import Shard, evaluate, make_optimizer, train_epochs
+from fedlearn.models import get_weights
+from fedlearn.runs import RunDir, final_metrics
+from fedlearn.tasks.base import ClientData, Data, Task
+from fedlearn.training import Shard, Trainer, initial_state, make_optimizer, train_epochs
+from fedlearn.types import Weights
 
 EpochHook = Callable[[dict[str, Any]], None]
 
@@ -32,121 +34,113 @@ class ClientRow:
     train_accuracy: float
     test_accuracy: float
     test_loss: float
+    metrics: dict[str, float]
+
+
+class _Learner:
+    """One model trained epoch by epoch (one optimizer across epochs in the built-in loop)."""
+
+    def __init__(self, task: Task, config: TrainConfig, seed: int, device: str) -> None:
+        self.trainer = Trainer(task, seed=seed, device=device)
+        self.config = config
+        self.task = task
+        self.weights: Weights = initial_state(task, seed)
+        self.opt = None
+        if task.train is None and self.trainer.model is not None:
+            self.opt = make_optimizer(self.trainer.model, config, task)
+
+    def epoch(self, data: Shard, seed: int) -> dict[str, float]:
+        one = replace(self.config, epochs=1)
+        model = self.trainer.model
+        if self.opt is not None and model is not None:
+            loss, acc = train_epochs(model, data, one, seed=seed, optimizer=self.opt,
+                                     loss=self.trainer.loss,
+                                     classification=self.task.kind == "classification",
+                                     device=self.trainer.device)
+            self.weights = get_weights(model)
+            out = {"train_loss": loss}
+            if self.task.kind == "classification":
+                out["train_accuracy"] = acc
+            return out
+        result = self.trainer.fit(self.weights, data, one, seed=seed)
+        self.weights = {k: v + result.delta[k] for k, v in self.weights.items()}
+        return {k: v for k, v in result.metrics.items() if k != "seconds"}
+
+    def evaluate(self, test: Shard | None) -> dict[str, float]:
+        return {} if test is None else dict(self.trainer.evaluate(self.weights, test).metrics)
+
+
+def _test_of(test: Data | None, local: ClientData) -> Shard | None:
+    data = test if test is not None else local.test
+    return Shard.of(data) if data is not None and len(data) else None
 
 
 def run_centralized(
-    ds: Dataset,
-    model_name: str,
-    config: TrainConfig,
-    run: RunDir,
-    *,
-    seed: int = 0,
-    on_epoch: EpochHook | None = None,
+    task: Task, data: ClientData, test: Data | None, config: TrainConfig, run: RunDir, *,
+    seed: int = 0, device: str = "cpu", on_epoch: EpochHook | None = None,
 ) -> dict[str, Any]:
-    """Train one model on all of ``ds``'s training set; evaluate on the test set each epoch."""
+    """Train one model on ``data.train``; evaluate each epoch on ``test`` (else ``data.test``)."""
     started = time.perf_counter()
-    model = build_model(model_name, ds.input_shape, ds.num_classes, seed=seed)
-    train = Shard.from_numpy(ds.x_train, ds.y_train)
-    test = Shard.from_numpy(ds.x_test, ds.y_test)
-    opt = make_optimizer(model, config)
-    one = TrainConfig(**{**asdict(config), "epochs": 1})
-    last: dict[str, Any] = {}
-    # One optimizer across epochs, and one seeded data order per epoch.
+    learner = _Learner(task, config, seed, device)
+    train = Shard.of(data.train)
+    test_shard = _test_of(test, data)
+    history: list[dict[str, Any]] = []
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
-        loss, acc = train_epochs(model, train, one, seed=seed * 100_003 + epoch, optimizer=opt)
-        result = evaluate(model, test)
-        last = {
-            "round": epoch,
-            "epoch": epoch,
-            "accuracy": result.accuracy,
-            "loss": result.loss,
-            "train_accuracy": acc,
-            "train_loss": loss,
-            "seconds": time.perf_counter() - t0,
-        }
-        run.append_metrics(last)
+        trained = learner.epoch(train, seed * 100_003 + epoch)
+        record = {"round": epoch, "epoch": epoch, **learner.evaluate(test_shard), **trained,
+                  "seconds": time.perf_counter() - t0}
+        history.append(record)
+        run.append_metrics(record)
         if on_epoch is not None:
-            on_epoch(last)
-    run.save_model(get_weights(model))
+            on_epoch(record)
+    run.save_model(learner.weights)
     summary = {
-        "mode": "centralized",
-        "dataset": ds.name,
-        "model": model_name,
-        "rounds": config.epochs,
-        "final_accuracy": last.get("accuracy"),
-        "final_loss": last.get("loss"),
-        "wall_seconds": time.perf_counter() - started,
-        "train_examples": ds.train_size,
+        "mode": "centralized", "task": task.name, "rounds": config.epochs,
+        **final_metrics(history), "wall_seconds": time.perf_counter() - started,
+        "train_examples": len(data.train),
     }
     run.write_summary(summary)
-    run.write_report(f"centralized: {model_name} on {ds.name}")
+    run.write_report(f"centralized: {task.name}")
     return summary
 
 
 def run_local(
-    ds: Dataset,
-    model_name: str,
-    config: TrainConfig,
-    run: RunDir,
-    *,
-    clients: int,
-    partition_spec: str,
-    seed: int = 0,
-    on_epoch: EpochHook | None = None,
+    task: Task, clients: list[ClientData], test: Data | None, config: TrainConfig,
+    run: RunDir, *, seed: int = 0, device: str = "cpu", on_epoch: EpochHook | None = None,
 ) -> tuple[dict[str, Any], list[ClientRow]]:
-    """Each client trains alone on its own partition; one row per client."""
+    """Each client trains alone on its own data; one row per client."""
     started = time.perf_counter()
-    parts = partition(ds.y_train, clients, partition_spec, seed)
-    test = Shard.from_numpy(ds.x_test, ds.y_test)
     rows: list[ClientRow] = []
-    for cid, idx in enumerate(parts):
-        model = build_model(model_name, ds.input_shape, ds.num_classes, seed=seed)
-        shard = Shard.from_numpy(ds.x_train, ds.y_train, idx)
-        opt = make_optimizer(model, config)
-        one = TrainConfig(**{**asdict(config), "epochs": 1})
-        train_acc = float("nan")
-        result = None
+    for cid, local in enumerate(clients):
+        learner = _Learner(task, config, seed, device)
+        shard = Shard.of(local.train)
+        test_shard = _test_of(test, local)
+        trained: dict[str, float] = {}
+        metrics: dict[str, float] = {}
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
-            loss, train_acc = train_epochs(
-                model, shard, one, seed=(seed * 1_000 + cid) * 100_003 + epoch, optimizer=opt
-            )
-            result = evaluate(model, test)
-            record = {
-                "client": cid,
-                "round": epoch,
-                "epoch": epoch,
-                "accuracy": result.accuracy,
-                "loss": result.loss,
-                "train_accuracy": train_acc,
-                "train_loss": loss,
-                "examples": len(shard),
-                "seconds": time.perf_counter() - t0,
-            }
+            trained = learner.epoch(shard, (seed * 1_000 + cid) * 100_003 + epoch)
+            metrics = learner.evaluate(test_shard)
+            record = {"client": cid, "round": epoch, "epoch": epoch, **metrics, **trained,
+                      "examples": len(shard), "seconds": time.perf_counter() - t0}
             run.append_metrics(record)
             if on_epoch is not None:
                 on_epoch(record)
-        if result is None:  # pragma: no cover - epochs >= 1 is validated
-            raise RuntimeError("no epoch ran")
-        rows.append(ClientRow(cid, len(shard), train_acc, result.accuracy, result.loss))
-        run.save_model(get_weights(model), name=f"client-{cid}.safetensors")
+        rows.append(ClientRow(cid, len(shard), trained.get("train_accuracy", float("nan")),
+                              metrics.get("accuracy", float("nan")),
+                              metrics.get("loss", float("nan")), metrics))
+        run.save_model(learner.weights, name=f"client-{cid}.safetensors")
         if cid == 0:
-            run.save_model(get_weights(model))
-    mean_acc = sum(r.test_accuracy for r in rows) / len(rows)
-    mean_loss = sum(r.test_loss for r in rows) / len(rows)
+            run.save_model(learner.weights)
+    means = {f"final_{k}": sum(r.metrics.get(k, 0.0) for r in rows) / len(rows)
+             for k in rows[0].metrics} if rows else {}
     summary = {
-        "mode": "local",
-        "dataset": ds.name,
-        "model": model_name,
-        "clients": clients,
-        "partition": partition_spec,
-        "rounds": config.epochs,
-        "final_accuracy": mean_acc,
-        "final_loss": mean_loss,
-        "wall_seconds": time.perf_counter() - started,
-        "per_client": [asdict(r) for r in rows],
+        "mode": "local", "task": task.name, "clients": len(clients),
+        "rounds": config.epochs, **means, "wall_seconds": time.perf_counter() - started,
+        "per_client": [{"client": r.client, "examples": r.examples, **r.metrics}
+                       for r in rows],
     }
     run.write_summary(summary)
-    run.write_report(f"local only: {clients} clients, {model_name} on {ds.name}")
+    run.write_report(f"local only: {len(clients)} clients, {task.name}")
     return summary, rows

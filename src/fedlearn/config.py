@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +24,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How a model is trained locally: the arguments of ``local_update``."""
+    """How a model is trained locally in a round: what a server sends its clients.
+
+    ``extra`` holds any other keys (JSON numbers, strings or booleans) a server
+    sends from its ``[client]`` table; a task's own ``train`` function sees them
+    all in ``ctx.config``.
+    """
 
     epochs: int = 1
     batch_size: int = 32
@@ -31,8 +37,18 @@ class TrainConfig:
     lr: float = 1e-3
     momentum: float = 0.0
     weight_decay: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for key, value in self.extra.items():
+            if not isinstance(key, str) or isinstance(value, dict | list) or not isinstance(
+                value, str | int | float | bool
+            ):
+                raise ConfigError(f"client config key {key!r} must be a number, string or "
+                                  f"boolean, got {type(value).__name__}.")
+            if key in TRAIN_KEYS:
+                raise ConfigError(f"client config key {key!r} is a training setting; set it "
+                                  "directly, not under extra.")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
         if self.batch_size < 1:
@@ -47,6 +63,49 @@ class TrainConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}.")
         if self.weight_decay < 0:
             raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}.")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting as one flat mapping (what travels to clients in a task)."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in TRAIN_KEYS}
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, where: str = "client config") -> TrainConfig:
+        """A TrainConfig from a flat mapping: known keys typed and checked, the rest ``extra``."""
+        known: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in values.items():
+            if key == "extra" and isinstance(value, Mapping):
+                extra.update(value)
+            elif key in TRAIN_KEYS:
+                known[key] = _typed(key, value, TRAIN_TYPES[key], where)
+            else:
+                extra[key] = value
+        return cls(**known, extra=extra)
+
+    def merged(self, overrides: Mapping[str, Any]) -> TrainConfig:
+        """This config with ``overrides`` (None values ignored) applied on top."""
+        values = self.as_dict()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return TrainConfig.from_dict(values)
+
+
+TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay")
+TRAIN_TYPES: dict[str, type] = {"epochs": int, "batch_size": int, "optimizer": str,
+                                "lr": float, "momentum": float, "weight_decay": float}
+
+
+def _typed(key: str, value: Any, kind: type, where: str) -> Any:
+    """``value`` as ``kind`` (an int is a fine float); otherwise a ConfigError naming ``key``."""
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key} in {where} must be {'a number' if kind is not str else 'text'}"
+                      f"{' (a whole number)' if kind is int else ''}, got {value!r}.")
 
 
 def from_mapping(cls: type[T], values: dict[str, Any], *, where: str = "config") -> T:
@@ -87,6 +146,9 @@ class ServerConfig:
 
     dataset: str = "fashion-mnist"
     model: str = "mlp"
+    task: str = ""
+    client: dict[str, Any] = field(default_factory=dict)
+    eval_fraction: float | None = None
     rounds: int = 10
     min_clients: int = 2
     fraction: float = 1.0
@@ -96,7 +158,7 @@ class ServerConfig:
     server_lr: float = 1.0
     seed: int = 0
     save_every: int = 1
-    max_update_mb: float = 64.0
+    max_update_mb: float | None = None
     mode: str = "sync"
     async_policy: str = "fedasync"
     async_alpha: float = 0.6
@@ -125,8 +187,11 @@ class ServerConfig:
             )
         if not self.server_lr > 0:
             raise ConfigError(f"--server-lr must be positive, got {self.server_lr}.")
-        if not self.max_update_mb > 0:
+        if self.max_update_mb is not None and not self.max_update_mb > 0:
             raise ConfigError(f"max_update_mb must be positive, got {self.max_update_mb}.")
+        if self.eval_fraction is not None and not 0 < self.eval_fraction <= 1:
+            raise ConfigError(f"--eval-fraction must be in (0, 1], got {self.eval_fraction}.")
+        TrainConfig.from_dict(self.client, where="[client]")
         if self.mode not in MODES:
             raise ConfigError(f"unknown --mode {self.mode!r}; choose sync or async.")
         if self.eval_every < 1:
@@ -159,7 +224,18 @@ class ServerConfig:
         make_policy(self.async_policy, alpha=self.async_alpha, staleness_fn=self.staleness_fn,
                     server_lr=self.server_lr)
 
-    @property
-    def max_update_bytes(self) -> int:
-        """The largest update body accepted, in bytes."""
-        return int(self.max_update_mb * 1024 * 1024)
+    def train_config(self, task_defaults: Mapping[str, Any] | None = None) -> TrainConfig:
+        """The round config clients get: defaults < the task's ``config`` < ``[client]``."""
+        values = dict(task_defaults or {})
+        values.update(self.client)
+        return TrainConfig.from_dict(values, where="[client]")
+
+    def max_update_bytes(self, model_bytes: int) -> int:
+        """The largest update body accepted: ``max_update_mb``, else derived from the model.
+
+        Derived: the encoded model's size plus 25% and 64 KiB (a delta has the
+        model's names, shapes and dtypes, so it is never larger).
+        """
+        if self.max_update_mb is not None:
+            return int(self.max_update_mb * 1024 * 1024)
+        return int(model_bytes * 1.25) + 64 * 1024

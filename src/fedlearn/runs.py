@@ -71,6 +71,14 @@ class RunDir:
             )
         return cls(path)
 
+    def discard_if_empty(self) -> None:
+        """Remove a run directory that holds only its config (a run that failed to start)."""
+        import shutil
+
+        names = {p.name for p in self.path.iterdir()} if self.path.is_dir() else set()
+        if names <= {CONFIG, METRICS} and not self.read_metrics():
+            shutil.rmtree(self.path, ignore_errors=True)
+
     def write_config(self, config: Mapping[str, Any]) -> None:
         """Write ``config.toml`` (None values are left out: TOML has no null)."""
         atomic_write_text(self.path / CONFIG, tomli_w.dumps(_drop_none(config)))
@@ -128,6 +136,18 @@ class RunDir:
         path = self.path / REPORT
         plot_metrics(self.read_metrics(), path, title=title)
         return path
+
+
+def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """``final_<metric>`` of the last record for every metric it has (server and federated)."""
+    last = history[-1] if history else {}
+    skip = {"round", "update", "version", "seconds", "clients", "sampled", "examples",
+            "attempts", "staleness", "mean_staleness", "buffered", "fed_clients",
+            "fed_examples", "train_seconds"}
+    out = {f"final_{k}": v for k, v in last.items() if k not in skip}
+    out.setdefault("final_accuracy", last.get("accuracy"))
+    out.setdefault("final_loss", last.get("loss"))
+    return out
 
 
 def load_model_file(path: Path) -> Weights:

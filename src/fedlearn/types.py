@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
-#: Model weights or a delta between two sets of weights: ``state_dict`` names to arrays.
-Weights = dict[str, npt.NDArray[np.floating]]
+#: A model's state (parameters and buffers, any dtype, 0-d included) or a delta between
+#: two states: ``state_dict`` names to arrays.
+Weights = dict[str, npt.NDArray[Any]]
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,18 @@ class ClientResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Accuracy and mean cross-entropy loss of a model on a set of examples."""
+    """A model's metrics on a set of examples: ``loss`` and the task's metrics."""
 
-    accuracy: float
-    loss: float
+    metrics: dict[str, float]
     num_examples: int
+
+    @property
+    def loss(self) -> float:
+        """The mean loss."""
+        return float(self.metrics.get("loss", float("nan")))
+
+    @property
+    def accuracy(self) -> float | None:
+        """The accuracy, when the task measures it."""
+        value = self.metrics.get("accuracy")
+        return None if value is None else float(value)

@@ -76,7 +76,7 @@ class RunningSum:
         if not factor >= 0:
             raise ValueError(f"weights in a mean must be non-negative, got {factor}")
         if self._sum is None:
-            self._sum = {k: v.astype(np.float64) * factor for k, v in w.items()}
+            self._sum = {k: np.asarray(v, dtype=np.float64) * factor for k, v in w.items()}
             self._dtypes = {k: v.dtype for k, v in w.items()}
         else:
             _same_keys(self._sum, w)
@@ -86,12 +86,16 @@ class RunningSum:
         self.count += 1
 
     def mean(self) -> Weights:
-        """The weighted mean of everything added so far."""
+        """The weighted mean of everything added so far (integer arrays rounded to nearest)."""
         if self._sum is None or self.total_weight <= 0:
             raise ValueError("cannot take the mean of nothing (no weights or zero total weight)")
-        return {
-            k: (v / self.total_weight).astype(self._dtypes[k]) for k, v in self._sum.items()
-        }
+        out: Weights = {}
+        for k, v in self._sum.items():
+            m = v / self.total_weight
+            if self._dtypes[k].kind in "iub":
+                m = np.rint(m)
+            out[k] = np.asarray(m).astype(self._dtypes[k])
+        return out
 
 
 @dataclass(frozen=True)
@@ -183,3 +187,46 @@ def _check_finite(w: Weights) -> None:
 def _same_keys(a: Mapping[str, object], b: Mapping[str, object]) -> None:
     if a.keys() != b.keys():
         raise ValueError(f"weights have different keys: {sorted(a)} vs {sorted(b)}")
+
+
+def spec_to_json(spec: Spec) -> dict[str, dict[str, object]]:
+    """A spec as JSON: ``{name: {"shape": [...], "dtype": "float32"}}``."""
+    return {k: {"shape": list(s.shape), "dtype": s.dtype} for k, s in spec.items()}
+
+
+def spec_from_json(data: object) -> dict[str, TensorSpec]:
+    """The inverse of :func:`spec_to_json`; PayloadError for anything malformed."""
+    if not isinstance(data, dict) or len(data) > 100_000:
+        raise PayloadError("the task identity must be an object of name -> {shape, dtype}.")
+    out: dict[str, TensorSpec] = {}
+    for name, entry in data.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if (not isinstance(name, str) or not isinstance(dtype, str) or not isinstance(shape, list)
+                or len(shape) > 32 or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40
+                    for d in shape)):
+            raise PayloadError(f"the task identity entry for {str(name)[:80]!r} is malformed; "
+                               "send {shape: [ints], dtype: str}.")
+        out[name] = TensorSpec(tuple(shape), dtype)
+    return out
+
+
+def spec_difference(expected: Spec, got: Spec) -> str | None:
+    """The first difference between two specs as a phrase, or None when they match."""
+    for name in sorted(set(expected) | set(got)):
+        if name not in got:
+            return f"the client's model has no {name!r}"
+        if name not in expected:
+            return f"the client's model has {name!r}, which the server's does not"
+        e, g = expected[name], got[name]
+        if e.shape != g.shape:
+            return f"{name!r} has shape {g.shape} on the client but {e.shape} on the server"
+        if e.dtype != g.dtype:
+            return f"{name!r} has dtype {g.dtype} on the client but {e.dtype} on the server"
+    return None
+
+
+def nbytes(w: Weights) -> int:
+    """Bytes of the arrays' data (about the size of their safetensors encoding)."""
+    return int(sum(v.nbytes for v in w.values()))

@@ -10,19 +10,29 @@ from rich.table import Table
 
 from fedlearn.cli.common import (
     BatchOpt,
+    DataOpt,
     DatasetOpt,
+    DeviceOpt,
     EpochsOpt,
+    LabelOpt,
     LrOpt,
     ModelOpt,
     MomentumOpt,
     OptimizerOpt,
     OutOpt,
     SeedOpt,
+    TaskOpt,
+    TestFractionOpt,
     ThreadsOpt,
     WdOpt,
+    check_seed,
     console,
+    device_name,
+    final_text,
+    metrics_text,
     pct,
     progress_bar,
+    resolve_task,
     set_threads,
 )
 from fedlearn.config import TrainConfig
@@ -38,8 +48,12 @@ def _train_config(
 
 
 def centralized(
+    task: TaskOpt = None,
     dataset: DatasetOpt = "fashion-mnist",
     model: ModelOpt = "mlp",
+    data: DataOpt = None,
+    label: LabelOpt = None,
+    test_fraction: TestFractionOpt = 0.0,
     epochs: EpochsOpt = 5,
     batch_size: BatchOpt = 32,
     optimizer: OptimizerOpt = "adam",
@@ -47,40 +61,50 @@ def centralized(
     momentum: MomentumOpt = 0.0,
     weight_decay: WdOpt = 0.0,
     seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
     out: OutOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Train one model on the whole training set (the centralized baseline)."""
+    """Train one model on all the training data (the centralized baseline)."""
     from fedlearn.baselines import run_centralized
-    from fedlearn.data import load_dataset
-    from fedlearn.models import build_model
     from fedlearn.runs import RunDir, default_run_dir
+    from fedlearn.tasks.runtime import context, load_client_data, server_test_data
 
     set_threads(threads)
+    check_seed(seed)
     config = _train_config(epochs, batch_size, optimizer, lr, momentum, weight_decay)
-    ds = load_dataset(dataset)
-    build_model(model, ds.input_shape, ds.num_classes)  # fail fast on a misfit
+    the_task, ref = resolve_task(task, dataset, model)
+    device = device_name(device)
+    local = load_client_data(the_task, context(data=data, label=label, seed=seed,
+                                               test_fraction=test_fraction))
+    test = server_test_data(the_task)
     run = RunDir.create(
         out or default_run_dir("centralized"),
-        {"mode": "centralized", "dataset": dataset, "model": model, "seed": seed,
-         "train": config.__dict__},
+        {"mode": "centralized", **ref, "seed": seed, "data": data, "label": label,
+         "test_fraction": test_fraction, "train": config.as_dict()},
     )
-    console.print(f"centralized: {model} on {dataset} ({ds.train_size} train, "
-                  f"{ds.test_size} test) -> {run.path}")
+    where = data if data is not None else dataset
+    console.print(f"centralized: {the_task.name} ({len(local.train)} train examples from "
+                  f"{where}) -> {run.path}", markup=False, highlight=False)
     with progress_bar("epochs", epochs) as bar:
         def on_epoch(r: dict[str, Any]) -> None:
-            bar.advance(f"acc {pct(r['accuracy'])} loss {r['loss']:.4f}")
-            console.print(f"epoch {r['epoch']:>3}  test accuracy {pct(r['accuracy'])}  "
-                          f"loss {r['loss']:.4f}  ({r['seconds']:.1f}s)")
+            bar.advance(metrics_text(r, 2))
+            console.print(f"epoch {r['epoch']:>3}  {metrics_text(r)}  ({r['seconds']:.1f}s)",
+                          markup=False, highlight=False)
 
-        summary = run_centralized(ds, model, config, run, seed=seed, on_epoch=on_epoch)
-    console.print(f"final test accuracy {pct(summary['final_accuracy'])}, "
-                  f"loss {summary['final_loss']:.4f}; run directory {run.path}")
+        summary = run_centralized(the_task, local, test, config, run, seed=seed, device=device,
+                                  on_epoch=on_epoch)
+    console.print(f"{final_text(summary)}; run directory {run.path}", markup=False,
+                  highlight=False)
 
 
 def local(
+    task: TaskOpt = None,
     dataset: DatasetOpt = "fashion-mnist",
     model: ModelOpt = "mlp",
+    data: DataOpt = None,
+    label: LabelOpt = None,
+    test_fraction: TestFractionOpt = 0.0,
     clients: Annotated[int, typer.Option("--clients", "-n", help="Number of clients.")] = 6,
     partition: Annotated[
         str, typer.Option("--partition", "-p", help="iid, dirichlet:A, shards:K or range:L-R.")
@@ -92,70 +116,90 @@ def local(
     momentum: MomentumOpt = 0.0,
     weight_decay: WdOpt = 0.0,
     seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
     out: OutOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Each client trains alone on its own partition: the no-federation baseline."""
+    """Each client trains alone on its own data: the no-federation baseline."""
     from fedlearn.baselines import run_local
-    from fedlearn.data import load_dataset, parse_partition
+    from fedlearn.data import parse_partition
     from fedlearn.errors import ConfigError
-    from fedlearn.models import build_model
     from fedlearn.runs import RunDir, default_run_dir
+    from fedlearn.tasks.runtime import context, load_client_data, server_test_data
 
     set_threads(threads)
+    check_seed(seed)
     if clients < 1:
         raise ConfigError(f"--clients must be at least 1, got {clients}.")
     config = _train_config(epochs, batch_size, optimizer, lr, momentum, weight_decay)
     parse_partition(partition)
-    ds = load_dataset(dataset)
-    build_model(model, ds.input_shape, ds.num_classes)
+    the_task, ref = resolve_task(task, dataset, model)
+    device = device_name(device)
+    parts = [load_client_data(the_task, context(
+        index=i, num_clients=clients, client_id=f"client-{i}", data=data, label=label,
+        partition=None if data is not None else f"{partition}:{clients}:{i}", seed=seed,
+        test_fraction=test_fraction)) for i in range(clients)]
+    test = server_test_data(the_task)
     run = RunDir.create(
         out or default_run_dir("local"),
-        {"mode": "local", "dataset": dataset, "model": model, "seed": seed,
-         "clients": clients, "partition": partition, "train": config.__dict__},
+        {"mode": "local", **ref, "seed": seed, "clients": clients, "partition": partition,
+         "data": data, "label": label, "test_fraction": test_fraction,
+         "train": config.as_dict()},
     )
-    console.print(f"local only: {clients} clients, {model} on {dataset}, "
-                  f"partition {partition} -> {run.path}")
+    console.print(f"local only: {clients} clients, {the_task.name} -> {run.path}",
+                  markup=False, highlight=False)
     with progress_bar("client epochs", clients * epochs) as bar:
         def on_epoch(r: dict[str, Any]) -> None:
-            bar.advance(f"client {r['client']} epoch {r['epoch']} "
-                       f"acc {pct(r['accuracy'])}")
+            bar.advance(f"client {r['client']} epoch {r['epoch']} {metrics_text(r, 1)}")
 
-        summary, rows = run_local(
-            ds, model, config, run, clients=clients, partition_spec=partition,
-            seed=seed, on_epoch=on_epoch,
-        )
+        summary, rows = run_local(the_task, parts, test, config, run, seed=seed, device=device,
+                                  on_epoch=on_epoch)
     table = Table(title=f"Each client alone ({epochs} epochs on its own data)")
-    table.add_column("client", justify="right")
-    table.add_column("examples", justify="right")
-    table.add_column("train accuracy", justify="right")
-    table.add_column("test accuracy", justify="right")
+    names = list(rows[0].metrics) if rows else []
+    for col in ("client", "examples", "train accuracy", *names):
+        table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r.client + 1), str(r.examples), pct(r.train_accuracy),
-                      pct(r.test_accuracy))
+        table.add_row(str(r.client + 1), str(r.examples), pct(r.train_accuracy)
+                      if r.train_accuracy == r.train_accuracy else "-",
+                      *[pct(r.metrics[k]) if k.endswith("accuracy") else f"{r.metrics[k]:.4f}"
+                        for k in names])
     console.print(table)
-    console.print(f"mean test accuracy {pct(summary['final_accuracy'])}; "
-                  f"run directory {run.path}")
+    console.print(f"mean {final_text(summary)}; run directory {run.path}", markup=False,
+                  highlight=False)
 
 
 def evaluate(
     model_file: Annotated[Path, typer.Option("--model-file", "-f", help="A .safetensors file.")],
+    task: TaskOpt = None,
     dataset: DatasetOpt = "fashion-mnist",
     model: ModelOpt = "mlp",
+    data: DataOpt = None,
+    label: LabelOpt = None,
+    device: DeviceOpt = "cpu",
 ) -> None:
-    """Test accuracy and loss of a saved model."""
-    from fedlearn.data import load_dataset
-    from fedlearn.models import build_model
+    """Loss and metrics of a saved model on the task's test data (or on --data)."""
+    from fedlearn.errors import ConfigError
     from fedlearn.runs import load_model_file
-    from fedlearn.training import Shard
-    from fedlearn.training import evaluate as evaluate_model
+    from fedlearn.tasks.runtime import context, load_client_data, server_test_data
+    from fedlearn.training import Trainer
 
-    ds = load_dataset(dataset)
-    net = build_model(model, ds.input_shape, ds.num_classes)
+    the_task, _ = resolve_task(task, dataset, model)
+    if data is not None:
+        test = load_client_data(the_task, context(data=data, label=label)).train
+    else:
+        found = server_test_data(the_task)
+        if found is None:
+            raise ConfigError(f"task {the_task.name!r} has no test data; pass --data PATH to "
+                              "evaluate on.")
+        test = found
     weights = load_model_file(model_file)
-    result = evaluate_model(net, Shard.from_numpy(ds.x_test, ds.y_test), weights)
-    console.print(f"{model_file}: test accuracy {pct(result.accuracy)}, loss {result.loss:.4f} "
-                  f"on {result.num_examples} {dataset} test images")
+    trainer = Trainer(the_task, device=device_name(device))
+    from fedlearn.weights import check
+
+    check(weights, trainer.spec)
+    result = trainer.evaluate(weights, test)
+    console.print(f"{model_file}: {metrics_text(result.metrics, 8)} on {result.num_examples} "
+                  f"test examples", markup=False, highlight=False)
 
 
 datasets_app = typer.Typer(help="List datasets, or fetch one.", no_args_is_help=False)

@@ -10,13 +10,14 @@ from typing import Annotated
 import typer
 
 from fedlearn.cli.common import (
-    BatchOpt,
+    DataOpt,
     DatasetOpt,
-    LrOpt,
-    MomentumOpt,
-    OptimizerOpt,
-    WdOpt,
+    DeviceOpt,
+    LabelOpt,
+    TaskOpt,
+    TestFractionOpt,
     console,
+    device_name,
     set_threads,
 )
 from fedlearn.errors import ConfigError
@@ -51,25 +52,42 @@ def client(
     client_id: Annotated[
         str | None, typer.Option("--client-id", help="Name of this client (default host-pid).")
     ] = None,
+    task: TaskOpt = None,
     dataset: DatasetOpt = "fashion-mnist",
+    data: DataOpt = None,
+    label: LabelOpt = None,
+    test_fraction: TestFractionOpt = 0.0,
     partition: Annotated[
-        str,
+        str | None,
         typer.Option("--partition", "-p",
-                     help="This client's data: iid:N:I, dirichlet:ALPHA:N:I, shards:K:N:I "
-                          "(part I of N, 0-based) or range:L-R."),
-    ] = "iid:1:0",
+                     help="This client's share of a built-in dataset: iid:N:I, "
+                          "dirichlet:ALPHA:N:I, shards:K:N:I (part I of N, 0-based) or "
+                          "range:L-R; with --data or a task, N:I tells the task which "
+                          "client this is. [default: iid:1:0]"),
+    ] = None,
     partition_seed: Annotated[
         int, typer.Option("--partition-seed", help="Seed of the partition (same on every "
                                                    "client).")
     ] = 0,
     local_epochs: Annotated[
-        int, typer.Option("--local-epochs", help="Passes over the local data per round.")
-    ] = 1,
-    batch_size: BatchOpt = 32,
-    optimizer: OptimizerOpt = "adam",
-    lr: LrOpt = 1e-3,
-    momentum: MomentumOpt = 0.0,
-    weight_decay: WdOpt = 0.0,
+        int | None, typer.Option("--local-epochs", help="Override the server's local epochs.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Override the server's batch size.")
+    ] = None,
+    optimizer: Annotated[
+        str | None, typer.Option("--optimizer", help="Override the server's optimizer.")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Override the server's learning rate.")
+    ] = None,
+    momentum: Annotated[
+        float | None, typer.Option("--momentum", help="Override the server's momentum.")
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option("--weight-decay", help="Override the server's decay.")
+    ] = None,
+    device: DeviceOpt = "cpu",
     token: Annotated[
         str | None, typer.Option("--token", help="The join token the server printed.")
     ] = None,
@@ -109,18 +127,27 @@ def client(
     from fedlearn.client.worker import WorkerConfig, run_worker
     from fedlearn.config import TrainConfig
     from fedlearn.data import parse_partition
+    from fedlearn.tasks import load_task
 
     if threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {threads}.")
     if ca_file is not None and not ca_file.exists():
         raise ConfigError(f"CA file {ca_file} does not exist; check --ca-file.")
     join_token = read_token(token, token_file)
-    parse_partition(partition)
-    train = TrainConfig(epochs=local_epochs, batch_size=batch_size, optimizer=optimizer,
-                        lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if partition is None and task is None and data is None:
+        partition = "iid:1:0"
+    if partition is not None:
+        parse_partition(partition)
+    overrides = {"epochs": local_epochs, "batch_size": batch_size, "optimizer": optimizer,
+                 "lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    TrainConfig.from_dict(overrides, where="the client's flags")
+    the_task = load_task(task) if task is not None else None
     config = WorkerConfig(
         server=server, client_id=client_id if client_id is not None else default_client_id(),
-        dataset=dataset, partition=partition, train=train, token=join_token,
+        task=the_task, dataset=dataset, partition=partition, data=data, label=label,
+        test_fraction=test_fraction, overrides=overrides, device=device_name(device),
+        token=join_token,
         partition_seed=partition_seed, poll_wait=poll_wait, max_retries=max_retries,
         max_wait=max_wait, slowdown=slowdown,
         ca_file=None if ca_file is None else str(ca_file),
@@ -133,8 +160,10 @@ def client(
 
     with RemoteServer(config.server, config.token, ca_file=config.ca_file,
                       poll_wait=config.poll_wait) as remote:
-        console.print(f"client {config.client_id}: {dataset} partition {partition} -> "
-                      f"{remote.url}", markup=False, highlight=False)
+        what = the_task.name if the_task is not None else dataset
+        where = data if data is not None else f"partition {partition}"
+        console.print(f"client {config.client_id}: {what}, {where} -> {remote.url}",
+                      markup=False, highlight=False)
         summary = run_worker(config, remote, log=log)
     last = (f"{summary.went_offline} times offline" if summary.mode == "async"
             else f"last round {summary.last_round}")

@@ -15,18 +15,23 @@ from typing import IO, Annotated, Any
 import typer
 
 from fedlearn.cli.common import (
-    BatchOpt,
-    LrOpt,
-    MomentumOpt,
-    OptimizerOpt,
+    DataOpt,
+    DeviceOpt,
+    LabelOpt,
+    TaskOpt,
+    TestFractionOpt,
     console,
+    final_text,
+    metrics_text,
     pct,
     progress_bar,
+    resolve_task,
 )
 from fedlearn.cli.server_cmds import (
     AsyncAlphaOpt,
     AsyncPolicyOpt,
     EvalEveryOpt,
+    EvalFractionOpt,
     FractionOpt,
     MaxSecondsOpt,
     MaxStalenessOpt,
@@ -70,17 +75,25 @@ def client_partition(spec: str, clients: int, index: int) -> str:
 
 def run(
     clients: Annotated[int, typer.Option("--clients", "-n", help="Client processes.")] = 3,
+    task: TaskOpt = None,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset.")] = "fashion-mnist",
     model: Annotated[str, typer.Option("--model", "-m", help="Model.")] = "mlp",
+    data: DataOpt = None,
+    label: LabelOpt = None,
+    test_fraction: TestFractionOpt = 0.0,
+    device: DeviceOpt = "cpu",
     rounds: Annotated[int | None, typer.Option(
         "--rounds", help="Rounds to run (sync). [default: 10]")] = None,
     partition: Annotated[str, typer.Option("--partition", "-p",
                          help="iid, dirichlet:A or shards:K, split among the clients.")] = "iid",
-    local_epochs: Annotated[int, typer.Option("--local-epochs", help="Epochs per round.")] = 1,
-    batch_size: BatchOpt = 32,
-    optimizer: OptimizerOpt = "adam",
-    lr: LrOpt = 1e-3,
-    momentum: MomentumOpt = 0.0,
+    local_epochs: Annotated[int | None, typer.Option("--local-epochs", help="Epochs per round.")]
+    = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Mini-batch size.")]
+    = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="sgd or adam.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
+    momentum: Annotated[float | None, typer.Option("--momentum", help="SGD momentum.")]
+    = None,
     seed: Annotated[int, typer.Option("--seed", help="Run seed.")] = 0,
     fraction: FractionOpt = None,
     min_results: MinResultsOpt = None,
@@ -96,6 +109,7 @@ def run(
     max_updates: MaxUpdatesOpt = None,
     max_seconds: MaxSecondsOpt = None,
     eval_every: EvalEveryOpt = None,
+    eval_fraction: EvalFractionOpt = None,
     slowdown: Annotated[list[str] | None, typer.Option(
         "--slowdown", help="For benchmarks: INDEX=FACTOR slows client INDEX (repeatable).")]
     = None,
@@ -105,8 +119,10 @@ def run(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.")] = None,
 ) -> None:
     """Start a server and N clients on 127.0.0.1 and run a federated training to the end."""
-    from fedlearn.config import ServerConfig
+    from fedlearn.cli.common import device_name
+    from fedlearn.config import ServerConfig, TrainConfig
     from fedlearn.runs import default_run_dir
+    from fedlearn.training import initial_state
 
     if clients < 1:
         raise ConfigError(f"--clients must be at least 1, got {clients}.")
@@ -122,7 +138,15 @@ def run(
         "server_lr": server_lr, "save_every": save_every,
     }
     # Refuse bad settings here, before any process starts.
-    ServerConfig(rounds=rounds, **{k: v for k, v in run_flags.items() if v is not None})
+    the_task, ref = resolve_task(task, dataset, model)
+    device_name(device)
+    initial_state(the_task, seed)  # a model factory that raises fails here
+    given = {"epochs": local_epochs, "batch_size": batch_size, "optimizer": optimizer,
+             "lr": lr, "momentum": momentum}
+    train = TrainConfig.from_dict({**the_task.config,
+                                   **{k: v for k, v in given.items() if v is not None}})
+    ServerConfig(rounds=rounds, client=train.as_dict(), eval_fraction=eval_fraction,
+                 **{k: v for k, v in run_flags.items() if v is not None})
     parts = [client_partition(partition, clients, i) for i in range(clients)]
     slow = _parse_slowdown(slowdown or [], clients)
     run_dir = Path(out or default_run_dir("run"))
@@ -136,14 +160,19 @@ def run(
     if slots < 0:
         raise ConfigError(f"--concurrency must be 0 or more, got {concurrency}.")
     exe = [sys.executable, "-m", "fedlearn.cli.main"]
+    task_args = (["--task", ref["task"]] if "task" in ref
+            else ["--dataset", dataset, "--model", model])
     server_cmd = [
         *exe, "server", "--host", "127.0.0.1", "--port", "0", "--out", str(run_dir),
-        "--dataset", dataset, "--model", model, "--min-clients", str(clients),
+        *task_args, "--min-clients", str(clients), "--device", device,
         "--seed", str(seed), *([] if asynchronous else ["--rounds", str(rounds)]),
+        "--local-epochs", str(train.epochs), "--batch-size", str(train.batch_size),
+        "--optimizer", train.optimizer, "--lr", repr(train.lr),
+        "--momentum", repr(train.momentum),
     ]
     for name, value in (("fraction", fraction), ("min_results", min_results),
                         ("round_timeout", round_timeout), ("strategy", strategy),
-                        *run_flags.items()):
+                        ("eval_fraction", eval_fraction), *run_flags.items()):
         if value is not None:
             server_cmd += ["--" + name.replace("_", "-"), str(value)]
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -158,19 +187,21 @@ def run(
     # A SIGTERM (from a supervisor or `timeout`) stops the children like Ctrl-C does.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     length = (f"async {async_policy or 'fedasync'}" if asynchronous else f"{rounds} rounds")
-    console.print(f"fedlearn run: 1 server + {clients} clients, {model} on {dataset}, "
-                  f"{length} -> {run_dir}")
+    console.print(f"fedlearn run: 1 server + {clients} clients, {the_task.name}, "
+                  f"{length} -> {run_dir}", markup=False, highlight=False)
     try:
         spawn("server", server_cmd)
         url = _wait_for_endpoint(run_dir, procs["server"])
         console.print(f"server at {url} (logs in {logs})")
         for i in range(clients):
+            local_data = [] if data is None else ["--data", data.replace("{i}", str(i))]
             spawn(f"client-{i}", [
                 *exe, "client", "--server", url, "--client-id", f"client-{i}",
-                "--token-file", str(run_dir / "join-token"), "--dataset", dataset,
+                "--token-file", str(run_dir / "join-token"),
+                *(["--task", ref["task"]] if "task" in ref else ["--dataset", dataset]),
+                *local_data, *(["--label", label] if label is not None else []),
+                "--test-fraction", repr(test_fraction), "--device", device,
                 "--partition", parts[i], "--partition-seed", str(seed),
-                "--local-epochs", str(local_epochs), "--batch-size", str(batch_size),
-                "--optimizer", optimizer, "--lr", str(lr), "--momentum", str(momentum),
                 "--slowdown", str(slow.get(i, 1.0)),
                 *(["--cpu-slot", str(logs / f".cpu-slot-{i % slots}")] if slots else []),
             ])
@@ -203,9 +234,9 @@ def run(
         )
         return
     console.print(
-        f"final test accuracy {pct(summary['final_accuracy'])} after {summary['rounds']} "
+        f"{final_text(summary)} after {summary['rounds']} "
         f"rounds; median {summary.get('median_round_seconds') or 0:.2f}s per round; "
-        f"run directory {run_dir}"
+        f"run directory {run_dir}", markup=False, highlight=False
     )
 
 
@@ -263,11 +294,11 @@ def _follow(
                 if "update" in r:
                     done = int(r["seconds"]) if unit == "seconds" else int(r["update"])
                     bar.set(min(done, total), (
-                        f"acc {pct(r['accuracy'])}  version {r['version']}  "
+                        f"{metrics_text(r, 2)}  version {r['version']}  "
                         f"staleness {r['mean_staleness']:.1f}"))
                 else:
                     bar.set(r["round"], (
-                        f"acc {pct(r['accuracy'])}  clients {r['clients']}/{r['sampled']}"))
+                        f"{metrics_text(r, 2)}  clients {r['clients']}/{r['sampled']}"))
             seen = max(seen, len(records))
             if server.poll() is not None:
                 break

@@ -7,7 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
-from fedlearn.cli.common import console, pct
+from fedlearn.cli.common import (
+    DeviceOpt,
+    TaskOpt,
+    console,
+    device_name,
+    final_text,
+    metrics_text,
+    pct,
+)
 from fedlearn.config import ServerConfig, from_mapping, load_toml
 from fedlearn.errors import ConfigError
 
@@ -72,6 +80,51 @@ EvalEveryOpt = Annotated[
     int | None, typer.Option("--eval-every", help="async: evaluate every N merged updates. "
                              "[default: 1]")
 ]
+EvalFractionOpt = Annotated[
+    float | None, typer.Option("--eval-fraction", help="Share of the clients with local test "
+                               "data asked to evaluate each evaluated model. [default: "
+                               "--fraction]")
+]
+ClientEpochsOpt = Annotated[
+    int | None, typer.Option("--local-epochs", help="Sent to clients: local epochs per round. "
+                             "[default: 1]")]
+ClientBatchOpt = Annotated[
+    int | None, typer.Option("--batch-size", help="Sent to clients: mini-batch size. "
+                             "[default: 32]")]
+ClientOptimizerOpt = Annotated[
+    str | None, typer.Option("--optimizer", help="Sent to clients: sgd or adam. "
+                             "[default: adam]")]
+ClientLrOpt = Annotated[
+    float | None, typer.Option("--lr", help="Sent to clients: learning rate. [default: 0.001]")]
+ClientMomentumOpt = Annotated[
+    float | None, typer.Option("--momentum", help="Sent to clients: SGD momentum. "
+                               "[default: 0]")]
+ClientWdOpt = Annotated[
+    float | None, typer.Option("--weight-decay", help="Sent to clients: L2 weight decay. "
+                               "[default: 0]")]
+
+
+def client_flags(
+    local_epochs: int | None, batch_size: int | None, optimizer: str | None, lr: float | None,
+    momentum: float | None, weight_decay: float | None,
+) -> dict[str, Any]:
+    """Training flags as the keys of the ``[client]`` config (None: not given)."""
+    return {"epochs": local_epochs, "batch_size": batch_size, "optimizer": optimizer,
+            "lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+
+
+def task_ref(task: str | None) -> str | None:
+    """``--task`` as saved in config.toml: a file path made absolute, so --resume finds it."""
+    if task is None:
+        return None
+    from fedlearn.tasks.loading import split_ref
+
+    where, name = split_ref(task)
+    if where.endswith(".py") or "/" in where:
+        where = str(Path(where).resolve())
+    return f"{where}:{name}"
+
+
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="TOML file of run settings (flags win).")
 ]
@@ -86,10 +139,18 @@ TlsKeyOpt = Annotated[Path | None, typer.Option("--tls-key", help="PEM private k
 
 
 def resolve_config(
-    config_file: Path | None, resume: Path | None, flags: dict[str, Any]
+    config_file: Path | None, resume: Path | None, flags: dict[str, Any],
+    client_flags: dict[str, Any] | None = None,
 ) -> ServerConfig | None:
-    """Defaults < config file < flags. With --resume, run settings may not change."""
+    """Defaults < config file < flags. With --resume, run settings may not change.
+
+    The file may hold a ``[server]`` table (or top-level run keys), a ``[client]``
+    table (the training config sent to clients, plus any user keys) and ``task``.
+    """
     given = {k: v for k, v in flags.items() if v is not None}
+    client_given = {k: v for k, v in (client_flags or {}).items() if v is not None}
+    if resume is not None and client_given:
+        given.update(client_given)
     if resume is not None:
         if given or config_file is not None:
             names = ", ".join("--" + k.replace("_", "-") for k in sorted(given)) or "--config"
@@ -100,12 +161,26 @@ def resolve_config(
     values: dict[str, Any] = {}
     if config_file is not None:
         data = load_toml(config_file)
-        values.update(data.get("server", data))
+        values.update({k: v for k, v in data.get("server", data).items()
+                       if k not in ("client", "server", "sim")})
+        if isinstance(data.get("task"), str) and "task" not in values:
+            values["task"] = data["task"]
+        if isinstance(data.get("client"), dict):
+            values["client"] = dict(data["client"])
     values.update(given)
+    if client_given:
+        values["client"] = {**values.get("client", {}), **client_given}
     if values.get("mode") == "async" and "rounds" in values:
         raise ConfigError("--rounds is for --mode sync; an async run stops at --max-updates or "
                           "--max-seconds.")
     return from_mapping(ServerConfig, values, where=str(config_file or "flags"))
+
+
+def task_of(cfg: ServerConfig) -> Any:
+    """The run's Task: its ``task`` reference, else the built-in dataset and model."""
+    from fedlearn.tasks import builtin_task, load_task
+
+    return load_task(cfg.task) if cfg.task else builtin_task(cfg.dataset, cfg.model)
 
 
 def server(
@@ -115,6 +190,7 @@ def server(
                        help="fashion-mnist, mnist, cifar10 or digits.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="mlp, cnn or cifar-cnn.")]
     = None,
+    task: TaskOpt = None,
     rounds: RoundsOpt = None,
     min_clients: MinClientsOpt = None,
     fraction: FractionOpt = None,
@@ -132,6 +208,14 @@ def server(
     max_updates: MaxUpdatesOpt = None,
     max_seconds: MaxSecondsOpt = None,
     eval_every: EvalEveryOpt = None,
+    eval_fraction: EvalFractionOpt = None,
+    local_epochs: ClientEpochsOpt = None,
+    batch_size: ClientBatchOpt = None,
+    optimizer: ClientOptimizerOpt = None,
+    lr: ClientLrOpt = None,
+    momentum: ClientMomentumOpt = None,
+    weight_decay: ClientWdOpt = None,
+    device: DeviceOpt = "cpu",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.")] = None,
     config: ConfigOpt = None,
     resume: ResumeOpt = None,
@@ -140,8 +224,6 @@ def server(
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """Serve a federated run: clients register, train locally, and send deltas."""
-    from fedlearn.data import load_dataset
-    from fedlearn.models import build_model
     from fedlearn.server.runner import ServeOptions, prepare_run, serve
 
     if resume is not None and out is not None:
@@ -158,11 +240,13 @@ def server(
         "mode": mode, "async_policy": async_policy, "async_alpha": async_alpha,
         "staleness_fn": staleness_fn, "max_staleness": max_staleness,
         "max_updates": max_updates, "max_seconds": max_seconds, "eval_every": eval_every,
-    })
+        "eval_fraction": eval_fraction, "task": task_ref(task),
+    }, client_flags(local_epochs, batch_size, optimizer, lr, momentum, weight_decay))
+    device = device_name(device)
     if cfg is not None:
-        ds = load_dataset(cfg.dataset)
-        build_model(cfg.model, ds.input_shape, ds.num_classes)
+        task_of(cfg)  # a missing or broken task fails here, before the run directory exists
     run, cfg, resumed = prepare_run(cfg, out, resume)
+    the_task = task_of(cfg)
 
     def on_round(r: dict[str, Any]) -> None:
         if "update" in r:
@@ -174,22 +258,22 @@ def server(
             )
             return
         console.print(
-            f"round {r['round']:>4}/{cfg.rounds}  accuracy {pct(r['accuracy'])}  "
-            f"loss {r['loss']:.4f}  clients {r['clients']}/{r['sampled']}  "
-            f"{r['seconds']:.2f}s", highlight=False,
+            f"round {r['round']:>4}/{cfg.rounds}  {metrics_text(r)}  "
+            f"clients {r['clients']}/{r['sampled']}  {r['seconds']:.2f}s", highlight=False,
         )
 
     summary = serve(
         run, cfg,
         ServeOptions(host=host, port=port, token_file=token_file, tls_cert=tls_cert,
                      tls_key=tls_key),
-        resumed=resumed, announce=lambda s: console.print(s, highlight=False),
-        on_round=on_round,
+        task=the_task, resumed=resumed,
+        announce=lambda s: console.print(s, highlight=False, markup=False),
+        on_round=on_round, device=device,
     )
     if summary.get("mode") == "async":
         done = (f"{summary['updates']} updates ({summary['versions']} versions, mean staleness "
                 f"{summary['mean_staleness']:.2f})")
     else:
         done = f"{summary['rounds']} rounds"
-    console.print(f"run finished: final accuracy {pct(summary['final_accuracy'])} after "
-                  f"{done}; run directory {run.path}")
+    console.print(f"run finished: {final_text(summary)} after {done}; run directory "
+                  f"{run.path}", markup=False, highlight=False)

@@ -7,17 +7,20 @@ from typing import Annotated, Any
 import typer
 
 from fedlearn.cli.common import (
-    BatchOpt,
+    DataOpt,
     DatasetOpt,
-    LrOpt,
+    DeviceOpt,
+    LabelOpt,
     ModelOpt,
-    MomentumOpt,
-    OptimizerOpt,
     OutOpt,
-    WdOpt,
+    TaskOpt,
+    TestFractionOpt,
     console,
-    pct,
+    device_name,
+    final_text,
+    metrics_text,
     progress_bar,
+    resolve_task,
 )
 from fedlearn.errors import ConfigError
 
@@ -34,20 +37,35 @@ def sim(
     engine: Annotated[str, typer.Option("--engine", help="vectorized (all sampled clients at "
                       "once; mlp) or sequential (one after another; any model).")]
     = "vectorized",
+    task: TaskOpt = None,
     dataset: DatasetOpt = "fashion-mnist",
     model: ModelOpt = "mlp",
-    local_epochs: Annotated[int, typer.Option("--local-epochs", help="Epochs per round.")] = 1,
-    batch_size: BatchOpt = 32,
-    optimizer: OptimizerOpt = "adam",
-    lr: LrOpt = 1e-3,
-    momentum: MomentumOpt = 0.0,
-    weight_decay: WdOpt = 0.0,
+    data: DataOpt = None,
+    label: LabelOpt = None,
+    test_fraction: TestFractionOpt = 0.0,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Rounds between federated "
+                          "evaluations (clients with local test data).")] = 1,
+    eval_fraction: Annotated[float | None, typer.Option(
+        "--eval-fraction", help="Share of clients with test data that evaluate. [default: "
+        "--per-round/--clients]")] = None,
+    local_epochs: Annotated[int | None, typer.Option(
+        "--local-epochs", help="Epochs per round. [default: 1]")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Mini-batch size. "
+                          "[default: 32]")] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="sgd or adam. "
+                         "[default: adam]")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate. [default: 0.001]")]
+    = None,
+    momentum: Annotated[float | None, typer.Option("--momentum", help="SGD momentum.")] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay",
+                            help="L2 weight decay.")] = None,
     strategy: Annotated[str, typer.Option("--strategy", help="Aggregation strategy.")]
     = "fedavg",
     server_lr: Annotated[float, typer.Option("--server-lr", help="Server learning rate.")]
     = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Run seed (model, partition, "
                     "sampling, data order).")] = 0,
+    device: DeviceOpt = "cpu",
     out: OutOpt = None,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch.")]
     = DEFAULT_THREADS,
@@ -56,37 +74,41 @@ def sim(
     import torch
 
     from fedlearn.config import TrainConfig
-    from fedlearn.data import load_dataset
-    from fedlearn.models import build_model
     from fedlearn.runs import RunDir, default_run_dir
     from fedlearn.sim import SimConfig, config_record, run_simulation
 
     if threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {threads}.")
+    the_task, ref = resolve_task(task, dataset, model)
+    train = TrainConfig.from_dict({**the_task.config, **{k: v for k, v in {
+        "epochs": local_epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
+        "momentum": momentum, "weight_decay": weight_decay}.items() if v is not None}})
     config = SimConfig(
         clients=clients, per_round=per_round, partition=partition, rounds=rounds,
-        engine=engine, dataset=dataset, model=model, strategy=strategy,
-        server_lr=server_lr, seed=seed,
-        train=TrainConfig(epochs=local_epochs, batch_size=batch_size, optimizer=optimizer,
-                          lr=lr, momentum=momentum, weight_decay=weight_decay),
+        engine=engine, dataset=dataset, model=model, task=ref.get("task", ""), data=data,
+        label=label, test_fraction=test_fraction, eval_every=eval_every,
+        eval_fraction=eval_fraction, strategy=strategy, server_lr=server_lr, seed=seed,
+        train=train,
     )
+    device = device_name(device)
     torch.set_num_threads(threads)
-    ds = load_dataset(dataset)
-    build_model(model, ds.input_shape, ds.num_classes)  # fail fast on a misfit
     run = RunDir.create(out or default_run_dir("sim"), config_record(config))
-    console.print(f"fedlearn sim: {clients} clients, {per_round} per round, {model} on "
-                  f"{dataset}, partition {partition}, {engine} engine, {rounds} rounds "
-                  f"-> {run.path}")
-    with progress_bar("rounds", rounds) as bar:
-        def on_round(r: dict[str, Any]) -> None:
-            bar.advance(f"acc {pct(r['accuracy'])}  loss {r['loss']:.4f}  "
-                        f"{r['seconds']:.2f}s/round")
+    console.print(f"fedlearn sim: {clients} clients, {per_round} per round, {the_task.name}, "
+                  f"{engine} engine, {rounds} rounds -> {run.path}", markup=False,
+                  highlight=False)
+    try:
+        with progress_bar("rounds", rounds) as bar:
+            def on_round(r: dict[str, Any]) -> None:
+                bar.advance(f"{metrics_text(r, 2)}  {r['seconds']:.2f}s/round")
 
-        summary = run_simulation(config, run, data=ds, on_round=on_round,
-                                 log=console.print)
+            summary = run_simulation(config, the_task, run, on_round=on_round,
+                                     log=lambda s: console.print(s, markup=False),
+                                     device=device)
+    except BaseException:
+        run.discard_if_empty()
+        raise
     per = summary["median_round_seconds"]
     per_text = f"; median {per:.3f}s per round" if per is not None else ""
     console.print(
-        f"final test accuracy {pct(summary['final_accuracy'])} after {summary['rounds']} "
-        f"rounds ({summary['engine']} engine{per_text}); run directory {run.path}"
-    )
+        f"{final_text(summary)} after {summary['rounds']} rounds ({summary['engine']} "
+        f"engine{per_text}); run directory {run.path}", markup=False, highlight=False)

@@ -4,7 +4,7 @@ Each step asks for a task (which says whether the run is over and gives a
 fresh seed), takes the CPU slot, pulls the current model *inside* it (so the
 model is as fresh as it can be when training starts: staleness is then the
 merges made while this client trains, not while it queued for a core), runs
-:func:`~fedlearn.training.local_update` and pushes the delta with the version
+:meth:`~fedlearn.client.worker._Worker.fit` and pushes the delta with the version
 it started from.
 
 When the server cannot be reached after every retry, the client goes on as
@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 from fedlearn.client.remote import RetriesExhausted, Task
 from fedlearn.errors import ConflictError, RemoteError
 from fedlearn.seeding import derive_seed
-from fedlearn.training import local_update
 from fedlearn.types import Weights
 from fedlearn.weights import add, subtract
 
@@ -50,6 +49,7 @@ class AsyncLoop:
         self.owed = 0  # examples behind local - base
         self.offline = 0  # trainings in a row without reaching the server
         self.seed = 0
+        self.task = Task("train")  # the last task the server gave
 
     def _unreachable(self, exc: RetriesExhausted, what: str) -> None:
         """Go on offline when we have weights to train on; give up after ``max_offline``."""
@@ -78,6 +78,7 @@ class AsyncLoop:
                 raise RemoteError(f"the server sent an unknown task action {task.action!r}; "
                                   "use the same fedlearn version on server and clients.")
             self.seed = task.seed
+            self.task = task
         else:
             self.seed = derive_seed("offline", self.seed, self.offline)
         self.train(pull=task is not None and self.owed == 0)
@@ -97,10 +98,10 @@ class AsyncLoop:
                     self._unreachable(exc, "fetch the model")
                 else:
                     self.base, self.base_version, self.local = weights, version, weights
-            if self.local is None or self.base is None or w.model is None:
+            if self.local is None or self.base is None:
                 raise RemoteError("no model to train on; the server never sent one.")
-            result = local_update(w.model, self.local, w.shard, w.config.train, seed=self.seed,
-                                  base_version=self.base_version, slowdown=w.config.slowdown)
+            result = w.fit(self.local, Task("train", 0, self.base_version, self.seed,
+                                            self.task.task_id, self.task.config))
         self.local = add(self.local, result.delta)
         self.owed += result.num_examples
         self.metrics = result.metrics
@@ -111,12 +112,15 @@ class AsyncLoop:
         if self.local is None or self.base is None:
             return
         delta = subtract(self.local, self.base)
+        from fedlearn.client.worker import describe
+
         m = self.metrics
-        line = (f"update from version {self.base_version}: {self.owed} examples, train loss "
-                f"{m['train_loss']:.4f}, accuracy {100.0 * m['train_accuracy']:.2f}%, "
-                f"{m['seconds']:.1f}s")
+        line = (f"update from version {self.base_version}: {self.owed} examples, "
+                + describe(m))
+        task_id = self.task.task_id or None
         try:
-            answer = w.call(lambda: w.remote.push_update(self.base_version, delta, self.owed, m))
+            answer = w.call(lambda: w.remote.push_update(self.base_version, delta, self.owed, m,
+                                                         task_id))
         except RetriesExhausted as exc:
             self._unreachable(exc, "send our update")
             return

@@ -40,8 +40,7 @@ MAX_POLL_WAIT = 60.0
 CONNECT_TIMEOUT = 5.0
 #: Seconds added to the long-poll wait before a read counts as timed out.
 READ_MARGIN = 30.0
-ACTIONS = ("train", "wait", "done")
-METRIC_KEYS = ("train_loss", "train_accuracy", "seconds")
+ACTIONS = ("train", "evaluate", "wait", "done")
 
 
 class ServerUnavailable(RemoteError):
@@ -70,17 +69,21 @@ class Registration:
     dataset: str
     model: str
     rounds: int
+    task: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Task:
-    """The answer to ``GET /api/task``: ``train`` (with round, version, seed), ``wait`` or
-    ``done``. ``round``, ``version`` and ``seed`` are 0 unless the action is ``train``."""
+    """The answer to ``GET /api/task``: ``train`` (round, version, seed, the round's
+    config), ``evaluate`` (round, version), ``wait`` or ``done``."""
 
     action: str
     round: int = 0
     version: int = 0
     seed: int = 0
+    task_id: str = ""
+    config: dict[str, Any] | None = None
 
 
 def backoff_delay(k: int, *, base: float, max_wait: float) -> float:
@@ -171,6 +174,13 @@ def _detail(response: httpx.Response) -> str:
         return str(detail)
     text = response.text.strip()
     return text[:200] if text else f"HTTP {response.status_code} {response.reason_phrase}"
+
+
+def _metrics_json(metrics: Mapping[str, float]) -> str:
+    """The finite metrics as a compact JSON object (at most 64, short names)."""
+    clean = {str(k)[:64]: float(v) for k, v in list(metrics.items())[:64]
+             if v is not None and math.isfinite(float(v))}
+    return json.dumps(clean, separators=(",", ":"))
 
 
 def _number(text: float) -> str:
@@ -285,9 +295,21 @@ class RemoteServer:
     def _bearer(self) -> str:
         return self.credential if self.credential is not None else self._token
 
-    def register(self, client_id: str, num_examples: int) -> Registration:
-        """``POST /api/register`` with the join token; keeps and returns the credential."""
-        payload = {"client_id": client_id, "num_examples": int(num_examples)}
+    def register(
+        self, client_id: str, num_examples: int | None, *,
+        num_test_examples: int | None = None, task: Mapping[str, Any] | None = None,
+    ) -> Registration:
+        """``POST /api/register`` with the join token; keeps and returns the credential.
+
+        ``task`` is ``{"name", "spec"}``: the server refuses a different task.
+        """
+        payload: dict[str, Any] = {"client_id": client_id}
+        if num_examples is not None:
+            payload["num_examples"] = int(num_examples)
+        if num_test_examples is not None:
+            payload["num_test_examples"] = int(num_test_examples)
+        if task is not None:
+            payload["task"] = dict(task)
         body = self._json(self._request(
             "POST", "/api/register", bearer=self._token, content=json.dumps(payload).encode(),
             headers={"Content-Type": "application/json"},
@@ -301,6 +323,8 @@ class RemoteServer:
                 dataset=str(body["dataset"]),
                 model=str(body["model"]),
                 rounds=int(body["rounds"]),
+                task=str(body.get("task") or ""),
+                config=dict(body.get("config") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteError(f"the server's registration answer lacks a valid {exc}; check "
@@ -321,17 +345,20 @@ class RemoteServer:
         if action not in ACTIONS:
             raise RemoteError(f"the server sent an unknown task action {action!r}; use the same "
                               "fedlearn version on server and clients.")
-        if action != "train":
+        if action not in ("train", "evaluate"):
             return Task(action=str(action))
         try:
             # An async run's tasks have no round.
-            return Task(action="train", round=int(body.get("round", 0)),
-                        version=int(body["version"]), seed=int(body["seed"]))
+            config = body.get("config")
+            return Task(action=str(action), round=int(body.get("round", 0)),
+                        version=int(body["version"]), seed=int(body.get("seed", 0)),
+                        task_id=str(body.get("task_id") or ""),
+                        config=dict(config) if isinstance(config, dict) else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteError(f"the server sent a train task without a valid {exc}; use the "
                               "same fedlearn version on server and clients.") from exc
 
-    def get_model(self) -> tuple[Weights, int]:
+    def get_model(self, max_bytes: int = 1 << 40) -> tuple[Weights, int]:
         """``GET /api/model``: the global weights and their version (``X-Fedlearn-Version``)."""
         response = self._request("GET", "/api/model", bearer=self._bearer(),
                                  headers={"Accept": "application/octet-stream"})
@@ -344,38 +371,48 @@ class RemoteServer:
             raise RemoteError(f"the server's model has no valid X-Fedlearn-Version header "
                               f"(got {raw!r}); use the same fedlearn version on server and "
                               "clients.")
-        return decode(response.content), version
+        return decode(response.content, max_bytes=max_bytes), version
 
     def submit_update(
-        self, round: int, delta: Weights, num_examples: int, metrics: Mapping[str, float]
+        self, round: int, delta: Weights, num_examples: int, metrics: Mapping[str, float],
+        task_id: str | None = None,
     ) -> None:
         """``POST /api/update`` (sync): the delta as safetensors, with round, count and metrics.
 
-        Only the finite ``train_loss``, ``train_accuracy`` and ``seconds`` metrics are sent.
+        Only finite metrics are sent (as a JSON object in ``metrics``).
         """
-        self._post_update({"round": str(int(round))}, delta, num_examples, metrics)
+        self._post_update({"round": str(int(round))}, delta, num_examples, metrics, task_id)
+
+    def submit_evaluation(
+        self, round: int, metrics: Mapping[str, float], num_examples: int
+    ) -> None:
+        """``POST /api/evaluate``: this client's metrics of the global model on its test data."""
+        self._request("POST", "/api/evaluate", bearer=self._bearer(), params={
+            "round": str(int(round)), "num_examples": str(int(num_examples)),
+            "metrics": _metrics_json(metrics)})
 
     def push_update(
-        self, version: int, delta: Weights, num_examples: int, metrics: Mapping[str, float]
+        self, version: int, delta: Weights, num_examples: int, metrics: Mapping[str, float],
+        task_id: str | None = None,
     ) -> dict[str, Any]:
         """``POST /api/update?version=V`` (async): a delta trained from model version ``V``.
 
         Returns the server's answer (``update``, ``staleness``, ``server_version``).
         """
         return self._json(
-            self._post_update({"version": str(int(version))}, delta, num_examples, metrics),
+            self._post_update({"version": str(int(version))}, delta, num_examples, metrics,
+                              task_id),
             "update",
         )
 
     def _post_update(
         self, params: dict[str, str], delta: Weights, num_examples: int,
-        metrics: Mapping[str, float],
+        metrics: Mapping[str, float], task_id: str | None = None,
     ) -> httpx.Response:
-        params = {**params, "num_examples": str(int(num_examples))}
-        for key in METRIC_KEYS:
-            value = metrics.get(key)
-            if value is not None and math.isfinite(float(value)):
-                params[key] = repr(float(value))
+        params = {**params, "num_examples": str(int(num_examples)),
+                  "metrics": _metrics_json(metrics)}
+        if task_id:
+            params["task_id"] = task_id
         headers = {"Content-Type": "application/octet-stream"}
         if self.run_id is not None:
             headers["X-Fedlearn-Run"] = self.run_id

@@ -2,8 +2,8 @@
 
 Everything the loop says to the server goes through a :class:`Remote` (in
 production a :class:`~fedlearn.client.remote.RemoteServer`; in tests a fake),
-so this module never touches HTTP. Training is :func:`fedlearn.training.local_update`,
-the same routine the simulator uses.
+so this module never touches HTTP. Training is :class:`~fedlearn.client.local.LocalClient`,
+the same code the simulator uses.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from torch import nn
-
+from fedlearn.client.local import LocalClient
 from fedlearn.client.remote import (
     MAX_POLL_WAIT,
     Registration,
@@ -27,11 +26,9 @@ from fedlearn.client.remote import (
     with_retries,
 )
 from fedlearn.config import TrainConfig
-from fedlearn.data import Dataset, client_indices, load_dataset
 from fedlearn.errors import AuthError, ConfigError, ConflictError, RemoteError
-from fedlearn.models import build_model
-from fedlearn.training import Shard, local_update
-from fedlearn.types import Weights
+from fedlearn.tasks.base import Task as TaskDef
+from fedlearn.types import ClientResult, Weights
 
 T = TypeVar("T")
 
@@ -39,7 +36,10 @@ T = TypeVar("T")
 class Remote(Protocol):
     """What the loop needs from a server: the methods of ``RemoteServer``."""
 
-    def register(self, client_id: str, num_examples: int) -> Registration:
+    def register(
+        self, client_id: str, num_examples: int | None, *,
+        num_test_examples: int | None = None, task: Mapping[str, Any] | None = None,
+    ) -> Registration:
         """Register and keep the returned credential for later calls."""
         ...
 
@@ -52,13 +52,21 @@ class Remote(Protocol):
         ...
 
     def submit_update(
-        self, round: int, delta: Weights, num_examples: int, metrics: Mapping[str, float]
+        self, round: int, delta: Weights, num_examples: int, metrics: Mapping[str, float],
+        task_id: str | None = None,
     ) -> None:
         """Send the delta trained for ``round`` (sync runs)."""
         ...
 
+    def submit_evaluation(
+        self, round: int, metrics: Mapping[str, float], num_examples: int
+    ) -> None:
+        """Send a federated-evaluation answer for the evaluation ``round``."""
+        ...
+
     def push_update(
-        self, version: int, delta: Weights, num_examples: int, metrics: Mapping[str, float]
+        self, version: int, delta: Weights, num_examples: int, metrics: Mapping[str, float],
+        task_id: str | None = None,
     ) -> dict[str, Any]:
         """Send a delta trained from model ``version`` (async runs); the server's answer."""
         ...
@@ -76,9 +84,14 @@ class Remote(Protocol):
 class WorkerConfig:
     """Everything one client process needs (the ``fedlearn client`` flags).
 
-    ``partition`` names this client's share of the training set (``iid:N:I``,
-    ``dirichlet:A:N:I``, ``shards:K:N:I`` or ``range:L-R``), cut with
-    ``partition_seed``; every client of a run must use the same seed.
+    ``task`` is what to train (None: the built-in model the server names, on
+    built-in ``dataset``). ``partition`` names this client's share of a built-in
+    training set (``iid:N:I``, ``dirichlet:A:N:I``, ``shards:K:N:I`` or
+    ``range:L-R``), cut with ``partition_seed`` (the same on every client);
+    ``data`` is a local path instead (``--data``; ``label`` for tables);
+    ``test_fraction`` holds out a local test set for federated evaluation.
+    ``overrides`` are training settings this client's own flags set: they win
+    over the config the server sends with each task.
     ``slowdown`` > 1 stretches local training time (benchmarks only).
     ``cpu_slot`` names a lock file held while training, so clients sharing a
     host take turns on its cores instead of thrashing them. ``max_offline``
@@ -88,10 +101,15 @@ class WorkerConfig:
 
     server: str
     client_id: str
-    dataset: str
-    partition: str
-    train: TrainConfig
     token: str = field(repr=False)
+    task: TaskDef | None = None
+    dataset: str = "fashion-mnist"
+    partition: str | None = "iid:1:0"
+    data: str | None = None
+    label: str | None = None
+    test_fraction: float = 0.0
+    overrides: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
     partition_seed: int = 0
     poll_wait: float = 30.0
     max_retries: int = 30
@@ -158,26 +176,40 @@ def run_worker(
     config: WorkerConfig,
     remote: Remote,
     *,
-    data: Dataset | None = None,
     log: Callable[[str], None] = print,
     sleep: Callable[[float], None] = time.sleep,
     rng: random.Random | None = None,
 ) -> WorkerSummary:
     """Take part in the server's run until it says ``done``; return what happened.
 
-    ``data`` replaces ``load_dataset(config.dataset)`` (tests). Calls that find
-    the server unreachable are retried with backoff (``sleep`` and ``rng`` drive
-    it); a 401 after registering (a server restarted without ``--resume``)
-    makes the client register again once; a 409 on an update is logged and
-    the loop goes on. Every other error propagates.
+    The task's data is loaded (and checked) before anything is sent. Calls that
+    find the server unreachable are retried with backoff (``sleep`` and ``rng``
+    drive it); a 401 after registering (a server restarted without
+    ``--resume``) makes the client register again once; a 409 on an update is
+    logged and the loop goes on. Every other error propagates.
     """
-    ds = data if data is not None else load_dataset(config.dataset)
-    indices = client_indices(ds.y_train, config.partition, config.partition_seed)
-    shard = Shard.from_numpy(ds.x_train, ds.y_train, indices)
-    if len(shard) == 0:
-        raise ConfigError(f"partition {config.partition!r} gives this client no training "
-                          "examples; pick a partition with data for it.")
-    return _Worker(config, remote, ds, shard, log, sleep, rng).run()
+    worker = _Worker(config, remote, log, sleep, rng)
+    try:
+        return worker.run()
+    finally:
+        if worker.local is not None:
+            worker.local.close()
+
+
+def data_context(config: WorkerConfig) -> Any:
+    """The :class:`~fedlearn.tasks.base.DataContext` of this client process."""
+    from fedlearn.data import parse_partition
+    from fedlearn.tasks.runtime import context
+
+    index = num = None
+    if config.partition is not None:
+        part = parse_partition(config.partition).part
+        if part is not None:
+            num, index = part
+    return context(index=index, num_clients=num, client_id=config.client_id,
+                   data=config.data, label=config.label,
+                   partition=None if config.data is not None else config.partition,
+                   seed=config.partition_seed, test_fraction=config.test_fraction)
 
 
 class _Worker:
@@ -187,20 +219,18 @@ class _Worker:
         self,
         config: WorkerConfig,
         remote: Remote,
-        ds: Dataset,
-        shard: Shard,
         log: Callable[[str], None],
         sleep: Callable[[float], None],
         rng: random.Random | None,
     ) -> None:
         self.config = config
         self.remote = remote
-        self.ds = ds
-        self.shard = shard
         self.log = log
         self.sleep = sleep
         self.rng = rng if rng is not None else random.Random()
-        self.model: nn.Module | None = None
+        self.task: TaskDef | None = config.task
+        self.local: LocalClient | None = None
+        self.server_config: dict[str, Any] = {}
         self.cached: tuple[Weights, int] | None = None
         self.reregistered = False
         self.mode = "sync"
@@ -220,20 +250,56 @@ class _Worker:
     def _on_retry(self, n: int, seconds: float, exc: ServerUnavailable) -> None:
         self.log(f"retry {n}/{self.config.max_retries} in {seconds:.1f}s: {exc}")
 
+    def prepare(self) -> None:
+        """Load this client's data for its task (before anything is sent)."""
+        if self.local is None and self.task is not None:
+            self.local = LocalClient(self.task, data_context(self.config),
+                                     seed=self.config.partition_seed, device=self.config.device)
+
     def register(self) -> None:
-        """Register (with retries), check the run fits our data, and build the model."""
-        reg = self.call(lambda: self.remote.register(self.config.client_id, len(self.shard)))
-        if reg.dataset.lower() != self.ds.name.lower():
-            raise ConfigError(
-                f"the server's run uses dataset {reg.dataset!r} but this client loaded "
-                f"{self.ds.name!r}; pass --dataset {reg.dataset}."
-            )
-        self.model = build_model(reg.model, self.ds.input_shape, self.ds.num_classes)
+        """Register (with retries), refusing a server whose task is not ours."""
+        from fedlearn.weights import spec_to_json
+
+        if self.task is None:
+            # The built-in model the server names, on our --dataset.
+            first = self.call(lambda: self.remote.register(self.config.client_id, None))
+            from fedlearn.tasks.builtin import builtin_task
+
+            if first.dataset.lower() != self.config.dataset.lower():
+                raise ConfigError(
+                    f"the server's run uses dataset {first.dataset!r} but this client loaded "
+                    f"{self.config.dataset!r}; pass --dataset {first.dataset}."
+                )
+            self.task = builtin_task(self.config.dataset, first.model)
+        self.prepare()
+        local = self.local
+        if local is None:  # pragma: no cover - prepare() sets it
+            raise ConfigError("no task to train.")
+        identity = None if local.trainer is None else {
+            "name": self.task.name, "spec": spec_to_json(local.trainer.spec)}
+        reg = self.call(lambda: self.remote.register(
+            self.config.client_id, local.num_examples,
+            num_test_examples=local.num_test_examples, task=identity))
+        self.server_config = dict(reg.config)
         self.cached = None
         self.mode = reg.mode
         length = "async" if reg.mode == "async" else f"{reg.rounds} rounds"
-        self.log(f"registered as {reg.client_id} in run {reg.run_id} ({reg.mode}, {reg.model} "
-                 f"on {reg.dataset}, {length}) with {len(self.shard)} examples")
+        examples = "" if local.num_examples is None else f" with {local.num_examples} examples"
+        self.log(f"registered as {reg.client_id} in run {reg.run_id} ({reg.mode}, task "
+                 f"{reg.task or self.task.name}, {length}){examples}")
+
+    def round_config(self, sent: dict[str, Any] | None) -> TrainConfig:
+        """The server's config for this task, with this client's own flags on top."""
+        return TrainConfig.from_dict({**self.server_config, **(sent or {})}).merged(
+            self.config.overrides)
+
+    def fit(self, weights: Weights, task: Task) -> ClientResult:
+        """Train from ``weights`` for ``task`` with the round's config."""
+        if self.local is None:  # pragma: no cover
+            raise ConfigError("no task to train.")
+        return self.local.fit(weights, self.round_config(task.config), seed=task.seed,
+                              round_number=task.round, version=task.version,
+                              slowdown=self.config.slowdown)
 
     def run(self) -> WorkerSummary:
         """Loop until the server says ``done``."""
@@ -265,6 +331,9 @@ class _Worker:
             return True
         if task.action == "wait":
             return False
+        if task.action == "evaluate":
+            self.evaluate(task)
+            return False
         if task.action != "train":
             raise RemoteError(f"the server sent an unknown task action {task.action!r}; use "
                               "the same fedlearn version on server and clients.")
@@ -282,27 +351,52 @@ class _Worker:
             return None
         return weights
 
+    def evaluate(self, task: Task) -> None:
+        """Evaluate the task's global weights on the local test data and send the metrics."""
+        weights = self.weights_for(task)
+        if weights is None or self.local is None:
+            return
+        with cpu_slot(self.config.cpu_slot):
+            result = self.local.evaluate(weights, round_number=task.round, version=task.version)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+        self.log(f"evaluated version {task.version} on {result.num_examples} local test "
+                 f"examples: {shown or 'no test data'}")
+        try:
+            self.call(lambda: self.remote.submit_evaluation(
+                task.round, result.metrics, result.num_examples))
+        except ConflictError as exc:
+            self.log(f"evaluation refused: {exc}")
+
     def train(self, task: Task) -> None:
         """Train from the task's global weights and send the delta."""
         weights = self.weights_for(task)
-        if weights is None or self.model is None:
+        if weights is None or self.local is None:
             return
         with cpu_slot(self.config.cpu_slot):
-            result = local_update(
-                self.model, weights, self.shard, self.config.train, seed=task.seed,
-                base_version=task.version, slowdown=self.config.slowdown,
-            )
-        m = result.metrics
-        line = (f"round {task.round}: {result.num_examples} examples, train loss "
-                f"{m['train_loss']:.4f}, accuracy {100.0 * m['train_accuracy']:.2f}%, "
-                f"{m['seconds']:.1f}s")
+            result = self.fit(weights, task)
+        line = f"round {task.round}: {result.num_examples} examples, " + describe(result.metrics)
         self.last_round = task.round
         try:
             self.call(lambda: self.remote.submit_update(
-                task.round, result.delta, result.num_examples, result.metrics))
+                task.round, result.delta, result.num_examples, result.metrics,
+                task.task_id or None))
         except ConflictError as exc:
             self.refused += 1
             self.log(f"{line}; update refused: {exc}")
             return
         self.trained += 1
         self.log(line)
+
+
+def describe(metrics: Mapping[str, float]) -> str:
+    """``train loss 0.1234, accuracy 91.20%, 1.2s`` from whichever metrics there are."""
+    parts = []
+    if "train_loss" in metrics:
+        parts.append(f"train loss {metrics['train_loss']:.4f}")
+    if "train_accuracy" in metrics:
+        parts.append(f"accuracy {100.0 * metrics['train_accuracy']:.2f}%")
+    parts += [f"{k} {v:.4f}" for k, v in metrics.items()
+              if k not in ("train_loss", "train_accuracy", "seconds")]
+    if "seconds" in metrics:
+        parts.append(f"{metrics['seconds']:.1f}s")
+    return ", ".join(parts)

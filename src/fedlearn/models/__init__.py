@@ -86,41 +86,54 @@ _BUILDERS: dict[str, tuple[Shape | None, Callable[[Shape, int], nn.Module]]] = {
 MODELS: tuple[str, ...] = tuple(_BUILDERS)
 
 
-def build_model(
-    name: str, input_shape: Shape, num_classes: int = 10, *, seed: int = 0
-) -> nn.Module:
-    """A freshly initialised model ``name`` for inputs of ``input_shape`` (C, H, W).
-
-    Initialisation is seeded and leaves torch's global random state untouched.
-    """
+def model_fits(name: str, input_shape: Shape) -> None:
+    """Raise ModelError unless built-in model ``name`` takes inputs of ``input_shape``."""
     if name not in _BUILDERS:
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
-    needs, builder = _BUILDERS[name]
+    needs, _ = _BUILDERS[name]
     if needs is not None and tuple(input_shape) != needs:
         raise ModelError(
             f"model {name!r} takes inputs of shape {needs} but the dataset's are "
             f"{tuple(input_shape)}; pick a model that fits the dataset "
             f"(mlp fits any, cnn fits 1x28x28, cifar-cnn fits 3x32x32)."
         )
+
+
+def build_model(
+    name: str, input_shape: Shape, num_classes: int = 10, *, seed: int | None = 0
+) -> nn.Module:
+    """A freshly initialised model ``name`` for inputs of ``input_shape`` (C, H, W).
+
+    With a ``seed`` the initialisation is seeded and leaves torch's global random
+    state untouched; with None it draws from torch's current random state (the
+    caller seeds, as :func:`fedlearn.training.build_task_model` does).
+    """
+    model_fits(name, input_shape)
+    _, builder = _BUILDERS[name]
+    if seed is None:
+        return builder(tuple(input_shape), num_classes)  # type: ignore[arg-type]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return builder(tuple(input_shape), num_classes)  # type: ignore[arg-type]
 
 
 def get_weights(model: nn.Module) -> Weights:
-    """The model's ``state_dict`` as numpy arrays (copies)."""
+    """The model's whole ``state_dict`` (parameters and buffers) as numpy arrays (copies).
+
+    dtypes and shapes are kept: an int64 0-d ``num_batches_tracked`` stays one.
+    """
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def set_weights(model: nn.Module, weights: Weights) -> None:
-    """Load numpy ``weights`` into ``model``, checking names and shapes."""
+    """Load numpy ``weights`` into ``model``, checking names and shapes, keeping its dtypes."""
     state = model.state_dict()
     if state.keys() != weights.keys():
         missing = sorted(set(state) - set(weights))
         extra = sorted(set(weights) - set(state))
         raise PayloadError(
             f"weights do not fit the model (missing {missing}, unexpected {extra}); "
-            "use weights saved from the same --model."
+            "use weights saved from the same task."
         )
     new = {}
     for k, v in state.items():
@@ -128,7 +141,7 @@ def set_weights(model: nn.Module, weights: Weights) -> None:
         if tuple(arr.shape) != tuple(v.shape):
             raise PayloadError(
                 f"{k} has shape {tuple(arr.shape)} but the model needs {tuple(v.shape)}; "
-                "use weights saved from the same --model and --dataset."
+                "use weights saved from the same task."
             )
-        new[k] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        new[k] = torch.from_numpy(np.array(arr, copy=True)).to(dtype=v.dtype, device=v.device)
     model.load_state_dict(new)

@@ -30,7 +30,7 @@ from fedlearn.errors import (
 from fedlearn.server.async_coordinator import AsyncCoordinator
 from fedlearn.server.coordinator import SyncCoordinator
 from fedlearn.server.store import hash_secret
-from fedlearn.weights import decode
+from fedlearn.weights import decode, spec_from_json
 
 log = logging.getLogger("fedlearn.server")
 
@@ -94,7 +94,7 @@ def create_app(
 
     coordinator.on_change = on_change
     token_digest = hash_secret(join_token)
-    limit = max_update_bytes or coordinator.config.max_update_bytes
+    limit = max_update_bytes or coordinator.config.max_update_bytes(64 * 1024 * 1024)
     details = dict(info or {})
     acknowledged: set[str] = set()
     done_event = asyncio.Event()
@@ -185,10 +185,19 @@ def create_app(
             raise PayloadError("register body must be JSON like {\"client_id\": \"a\"}.") from exc
         if not isinstance(payload, dict) or not isinstance(payload.get("client_id"), str):
             raise PayloadError("register body must be JSON with a string client_id.")
-        n = payload.get("num_examples")
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
-            raise PayloadError("num_examples must be a non-negative integer.")
-        credential = await run_in_threadpool(coordinator.register, payload["client_id"], n)
+        n = _count(payload.get("num_examples"), "num_examples")
+        n_test = _count(payload.get("num_test_examples"), "num_test_examples")
+        task_info = payload.get("task")
+        identity, task_name = None, None
+        if task_info is not None:
+            if not isinstance(task_info, dict) or not isinstance(task_info.get("name", ""), str):
+                raise PayloadError("task must be an object {name, spec}.")
+            task_name = task_info.get("name")
+            if task_info.get("spec") is not None:
+                identity = spec_from_json(task_info["spec"])
+        credential = await run_in_threadpool(
+            lambda: coordinator.register(payload["client_id"], n, num_test_examples=n_test,
+                                         identity=identity, task_name=task_name))
         cfg = coordinator.config
         run_length: dict[str, Any] = (
             {"rounds": 0, "max_updates": cfg.max_updates, "max_seconds": cfg.max_seconds,
@@ -203,6 +212,8 @@ def create_app(
             **run_length,
             "dataset": coordinator.config.dataset,
             "model": coordinator.config.model,
+            "task": coordinator.task_name,
+            "config": coordinator.train_config.as_dict(),
             **details,
         }
 
@@ -248,6 +259,9 @@ def create_app(
         train_loss: float | None = None,
         train_accuracy: float | None = None,
         seconds: float | None = None,
+        task_id: Annotated[str | None, Query(max_length=300)] = None,
+        metrics: Annotated[str | None, Query(max_length=4096,
+                                             description="JSON object of name -> number")] = None,
         x_fedlearn_run: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any]:
         """Upload one delta (safetensors body): for ``round`` (sync) or from ``version`` (async)."""
@@ -261,22 +275,38 @@ def create_app(
             )
         body = await _read_body(request, limit)
         delta = await run_in_threadpool(decode, body, coordinator.spec, max_bytes=limit)
-        metrics = {
+        values = _metrics(metrics)
+        values.update({
             k: float(v)
             for k, v in (("train_loss", train_loss), ("train_accuracy", train_accuracy),
                          ("seconds", seconds))
             if v is not None
-        }
+        })
         if isinstance(coordinator, AsyncCoordinator):
             merged = await run_in_threadpool(
-                coordinator.submit, client_id, number, delta, num_examples, metrics
+                coordinator.submit, client_id, number, delta, num_examples, values, task_id
             )
             return {"accepted": True, "version": number, "update": merged.update,
                     "staleness": merged.staleness, "server_version": merged.version}
         await run_in_threadpool(
-            coordinator.submit, client_id, number, delta, num_examples, metrics
+            coordinator.submit, client_id, number, delta, num_examples, values, task_id
         )
         return {"accepted": True, "round": number}
+
+    @app.post("/api/evaluate")
+    async def evaluate(
+        client_id: Annotated[str, Depends(client_auth)],
+        round: Annotated[int, Query(ge=0, le=2**62, description="the evaluation's key (the "
+                                    "task's round)")],
+        num_examples: Annotated[int, Query(ge=0, le=2**62)],
+        metrics: Annotated[str, Query(max_length=4096,
+                                      description="JSON object of name -> number")] = "{}",
+    ) -> dict[str, Any]:
+        """A federated-evaluation answer: the client's metrics on its own test data."""
+        values = _metrics(metrics)
+        await run_in_threadpool(
+            coordinator.submit_evaluation, client_id, round, values, num_examples)
+        return {"accepted": True, "round": round}
 
     @app.get("/api/status", dependencies=[Depends(any_auth)])
     async def status() -> dict[str, Any]:
@@ -284,6 +314,40 @@ def create_app(
         return {"run_id": run_id, **coordinator.status()}
 
     return app
+
+
+def _count(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**62:
+        raise PayloadError(f"{name} must be an integer from 0 to 2**62.")
+    return value
+
+
+def _metrics(text: str | None) -> dict[str, float]:
+    """A JSON object of metric name -> finite number (at most 64 of them)."""
+    if not text:
+        return {}
+    try:
+        import json
+
+        data = json.loads(text)
+    except ValueError as exc:
+        raise PayloadError("metrics must be a JSON object of name -> number.") from exc
+    if not isinstance(data, dict) or len(data) > 64:
+        raise PayloadError("metrics must be a JSON object of at most 64 name -> number.")
+    out: dict[str, float] = {}
+    for k, v in data.items():
+        if (not isinstance(k, str) or len(k) > 64 or isinstance(v, bool)
+                or not isinstance(v, int | float)):
+            raise PayloadError("metrics must map short names to numbers.")
+        try:
+            f = float(v)
+        except OverflowError:
+            continue
+        if f == f and abs(f) != float("inf"):
+            out[k] = f
+    return out
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fedlearn.config import ServerConfig
+from fedlearn.config import ServerConfig, TrainConfig
 from fedlearn.errors import ConflictError, PayloadError
 from fedlearn.seeding import derive_seed
 from fedlearn.server.async_types import (
@@ -39,8 +39,8 @@ from fedlearn.server.async_types import (
     Merged,
     Snapshot,
 )
-from fedlearn.server.clients import ClientRegistry
-from fedlearn.server.coordinator import Evaluator
+from fedlearn.server.clients import ClientRegistry, check_identity
+from fedlearn.server.coordinator import Evaluator, eval_record
 from fedlearn.server.store import Store
 from fedlearn.strategies.async_policies import AsyncState, make_policy
 from fedlearn.types import Weights
@@ -61,7 +61,9 @@ class AsyncCoordinator:
         initial: Weights,
         *,
         store: Store,
-        evaluator: Evaluator,
+        evaluator: Evaluator | None,
+        train_config: TrainConfig | None = None,
+        task_name: str = "",
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[], None] | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
@@ -70,6 +72,8 @@ class AsyncCoordinator:
         self.config = config
         self.store = store
         self.evaluator = evaluator
+        self.train_config = train_config if train_config is not None else TrainConfig()
+        self.task_name = task_name
         self.clock = clock
         self.on_change = on_change or (lambda: None)
         self.on_round = on_round or (lambda record: None)
@@ -117,8 +121,13 @@ class AsyncCoordinator:
             self.phase = "done"
 
     # -- clients ----------------------------------------------------------------
-    def register(self, client_id: str, num_examples: int | None = None) -> str:
+    def register(
+        self, client_id: str, num_examples: int | None = None, *,
+        num_test_examples: int | None = None, identity: Spec | None = None,
+        task_name: str | None = None,
+    ) -> str:
         """Register (or re-register) a client; returns its new credential."""
+        check_identity(self.spec, self.task_name, identity, task_name)
         credential, digest = ClientRegistry.new_credential(client_id)
         self._clients.save(client_id, digest, num_examples)
         with self._lock:
@@ -149,11 +158,18 @@ class AsyncCoordinator:
                 count = self._tasks.get(client_id, 0) + 1
                 self._tasks[client_id] = count
                 seed = derive_seed("async-task", self.config.seed, client_id, count)
-                task = AsyncTask("train", self.state.version, seed)
+                task = AsyncTask("train", self.state.version, seed,
+                                 f"u{count}.{client_id}", self.train_config.as_dict())
             changed = changed or self.phase != before
         if changed:
             self.on_change()
         return task
+
+    def submit_evaluation(
+        self, client_id: str, key: int, metrics: dict[str, float], num_examples: int
+    ) -> None:
+        """Async runs hand out no evaluation tasks, so any answer is refused."""
+        raise ConflictError("this asynchronous run asked for no evaluation; fetch a new task.")
 
     def model_bytes(self) -> tuple[bytes, int]:
         """The current global model as safetensors bytes and its version (never waits)."""
@@ -168,6 +184,7 @@ class AsyncCoordinator:
         delta: Weights,
         num_examples: int,
         metrics: dict[str, float] | None = None,
+        task_id: str | None = None,
     ) -> Merged:
         """Merge one delta trained from ``version``; ConflictError if it cannot be taken."""
         check(delta, self.spec)
@@ -325,10 +342,10 @@ class AsyncCoordinator:
         state = due.state
         record: dict[str, Any] | None = None
         if due.evaluate:
-            result = self.evaluator(state.weights)
+            result = self.evaluator(state.weights) if self.evaluator is not None else None
             record = {
                 "update": state.updates, "version": state.version,
-                "accuracy": result.accuracy, "loss": result.loss, "seconds": due.seconds,
+                **eval_record(result), "seconds": due.seconds,
                 "staleness": due.staleness, "mean_staleness": due.mean_staleness,
                 "examples": state.absorbed_examples, "buffered": state.buffered,
                 "clients": len(self._clients),
@@ -368,8 +385,7 @@ class AsyncCoordinator:
                 "registered": len(self._clients),
                 "active": sum(1 for c in self._clients if c.online),
                 "history": [
-                    {"update": h["update"], "version": h["version"], "accuracy": h["accuracy"],
-                     "loss": h["loss"]}
+                    {k: h.get(k) for k in ("update", "version", "accuracy", "loss")}
                     for h in self.history
                 ],
             }

@@ -12,17 +12,23 @@ from fedlearn.weights import encode
 
 @dataclass(frozen=True)
 class AsyncTask:
-    """A client's next step: ``train`` from ``version`` with ``seed``, ``wait`` or ``done``."""
+    """A client's next step: ``train`` from ``version`` with ``seed``, ``wait`` or ``done``.
+
+    ``config`` is the training configuration the client should use.
+    """
 
     action: str
     version: int = 0
     seed: int = 0
+    task_id: str = ""
+    config: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON body sent to the client."""
         if self.action != "train":
             return {"action": self.action}
-        return {"action": "train", "version": self.version, "seed": self.seed}
+        return {"action": "train", "version": self.version, "seed": self.seed,
+                "task_id": self.task_id, "config": self.config or {}}
 
 
 WAIT = AsyncTask("wait")

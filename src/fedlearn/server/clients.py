@@ -10,8 +10,24 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from fedlearn.errors import AuthError, PayloadError
+from fedlearn.errors import AuthError, ConflictError, PayloadError
 from fedlearn.server.store import Store, hash_secret
+from fedlearn.weights import Spec, spec_difference
+
+
+def check_identity(
+    spec: Spec, task_name: str, identity: Spec | None, client_task: str | None
+) -> None:
+    """Refuse a client whose task is not the server's, naming the first difference."""
+    if client_task is not None and task_name and client_task != task_name:
+        raise ConflictError(f"this server runs task {task_name!r} but the client has task "
+                            f"{client_task!r}; start the client with the server's task.")
+    if identity is None:
+        return
+    diff = spec_difference(spec, identity)
+    if diff is not None:
+        raise ConflictError(f"the client's task differs from the server's: {diff}; start the "
+                            "client with the server's task.")
 
 
 @dataclass
@@ -24,6 +40,7 @@ class ClientRecord:
     online: bool = False  # seen since this server process started
     last_seen: float = 0.0
     dropped: bool = False  # sync: missed a round deadline and not seen since
+    num_test_examples: int | None = None  # local test examples (federated evaluation)
 
 
 class ClientRegistry:
@@ -55,9 +72,11 @@ class ClientRegistry:
         """Persist a (re-)registration; call before :meth:`add` and outside the lock."""
         self.store.upsert_client(client_id, digest, num_examples)
 
-    def add(self, client_id: str, digest: str, num_examples: int | None, now: float) -> None:
+    def add(self, client_id: str, digest: str, num_examples: int | None, now: float, *,
+            num_test_examples: int | None = None) -> None:
         """Record a (re-)registered client as online; an older credential stops working."""
-        self._add(ClientRecord(client_id, digest, num_examples, online=True, last_seen=now))
+        self._add(ClientRecord(client_id, digest, num_examples, online=True, last_seen=now,
+                               num_test_examples=num_test_examples))
 
     def authenticate(self, credential: str) -> str:
         """The client id a credential belongs to; AuthError if none."""

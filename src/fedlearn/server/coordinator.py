@@ -15,32 +15,50 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedlearn.config import ServerConfig
+from fedlearn.config import ServerConfig, TrainConfig
 from fedlearn.errors import ConflictError, PayloadError
 from fedlearn.seeding import task_seed
-from fedlearn.server.clients import ClientRegistry
+from fedlearn.server.clients import ClientRegistry, check_identity
+from fedlearn.server.fedeval import FedEval
 from fedlearn.server.store import Store
 from fedlearn.strategies import StrategyState, make_strategy, sample_clients
 from fedlearn.types import EvalResult, Weights
 from fedlearn.weights import RunningSum, Spec, check, encode, spec_of
 
+#: Evaluates a state on the server's test data (None: the server has none).
 Evaluator = Callable[[Weights], EvalResult]
+
+
+def eval_record(result: EvalResult | None) -> dict[str, Any]:
+    """A server evaluation as record fields (``accuracy``, ``loss``, other metrics)."""
+    return {} if result is None else dict(result.metrics)
 
 
 @dataclass(frozen=True)
 class Task:
-    """What a client should do next."""
+    """What a client should do next: ``train``, ``evaluate``, ``wait`` or ``done``.
 
-    action: str  # "train" | "wait" | "done"
+    ``task_id`` names the task; an update or evaluation names it back.
+    ``config`` is the round's training configuration (train tasks only).
+    """
+
+    action: str
     round: int = 0
     version: int = 0
     seed: int = 0
+    task_id: str = ""
+    config: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON body sent to the client."""
-        if self.action != "train":
+        if self.action not in ("train", "evaluate"):
             return {"action": self.action}
-        return {"action": "train", "round": self.round, "version": self.version, "seed": self.seed}
+        body: dict[str, Any] = {"action": self.action, "round": self.round,
+                                "version": self.version, "task_id": self.task_id}
+        if self.action == "train":
+            body["seed"] = self.seed
+            body["config"] = self.config or {}
+        return body
 
 
 WAIT = Task("wait")
@@ -68,7 +86,9 @@ class SyncCoordinator:
         initial: Weights,
         *,
         store: Store,
-        evaluator: Evaluator,
+        evaluator: Evaluator | None,
+        train_config: TrainConfig | None = None,
+        task_name: str = "",
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[], None] | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
@@ -76,6 +96,8 @@ class SyncCoordinator:
         self.config = config
         self.store = store
         self.evaluator = evaluator
+        self.train_config = train_config if train_config is not None else TrainConfig()
+        self.task_name = task_name
         self.clock = clock
         self.on_change = on_change or (lambda: None)
         self.on_round = on_round or (lambda record: None)
@@ -83,6 +105,9 @@ class SyncCoordinator:
         self.spec: Spec = spec_of(initial)
         self._lock = threading.Lock()
         self._clients = ClientRegistry(store)
+        self.fed_eval = FedEval(clock, config.round_timeout)
+        self._partial: dict[int, dict[str, Any]] = {}  # committed, waiting for federated eval
+        self._fed_early: dict[int, dict[str, Any]] = {}  # federated results before the commit
         resumed = store.latest_checkpoint()
         if resumed is not None:
             version, weights = resumed
@@ -104,12 +129,22 @@ class SyncCoordinator:
         self._model_cache: tuple[int, bytes] | None = None
 
     # -- clients ----------------------------------------------------------------
-    def register(self, client_id: str, num_examples: int | None = None) -> str:
-        """Register (or re-register) a client; returns its new credential."""
+    def register(
+        self, client_id: str, num_examples: int | None = None, *,
+        num_test_examples: int | None = None, identity: Spec | None = None,
+        task_name: str | None = None,
+    ) -> str:
+        """Register (or re-register) a client; returns its new credential.
+
+        ``identity`` (names, shapes, dtypes of the client's task state) must match
+        the server's, else ConflictError names the first difference.
+        """
+        check_identity(self.spec, self.task_name, identity, task_name)
         credential, digest = ClientRegistry.new_credential(client_id)
         self._clients.save(client_id, digest, num_examples)
         with self._lock:
-            self._clients.add(client_id, digest, num_examples, self.clock())
+            self._clients.add(client_id, digest, num_examples, self.clock(),
+                              num_test_examples=num_test_examples)
         self.on_change()
         return credential
 
@@ -133,6 +168,10 @@ class SyncCoordinator:
     def _task_for(self, client_id: str) -> Task:
         if self.phase == "done":
             return DONE
+        owed = self.fed_eval.task_for(client_id)
+        if owed is not None:
+            key, version = owed
+            return Task("evaluate", key, version, 0, f"e{key}.{client_id}")
         rnd = self._round
         if (
             rnd is None
@@ -144,6 +183,7 @@ class SyncCoordinator:
         return Task(
             "train", rnd.number, self.state.version,
             task_seed(self.config.seed, rnd.number, client_id),
+            f"r{rnd.number}.{rnd.attempt}.{client_id}", self.train_config.as_dict(),
         )
 
     def model_bytes(self) -> tuple[bytes, int]:
@@ -165,6 +205,7 @@ class SyncCoordinator:
         delta: Weights,
         num_examples: int,
         metrics: dict[str, float] | None = None,
+        task_id: str | None = None,
     ) -> None:
         """Fold one client's delta into the round; ConflictError if it does not belong."""
         check(delta, self.spec)
@@ -174,6 +215,10 @@ class SyncCoordinator:
             rnd = self._round
             if self.phase == "done":
                 raise ConflictError("the run is over; no more updates are taken.")
+            if (task_id is not None and rnd is not None
+                    and task_id != f"r{rnd.number}.{rnd.attempt}.{client_id}"):
+                raise ConflictError(f"task {task_id} is not this client's open task; fetch a "
+                                    "new task.")
             if rnd is None or self._closing or rnd.number != round_number:
                 current = "none" if rnd is None or self._closing else str(rnd.number)
                 raise ConflictError(
@@ -197,17 +242,29 @@ class SyncCoordinator:
         if complete:
             self.on_change()
 
+    def submit_evaluation(
+        self, client_id: str, key: int, metrics: dict[str, float], num_examples: int
+    ) -> None:
+        """One client's federated-evaluation answer for round ``key``'s model."""
+        with self._lock:
+            self.fed_eval.submit(client_id, key, metrics, num_examples)
+        self.on_change()
+
     # -- the driver -------------------------------------------------------------
     def seconds_to_deadline(self) -> float | None:
-        """Seconds until the open round's deadline (None when no round is open)."""
+        """Seconds until the next deadline: the open round's or an evaluation's (or None)."""
         with self._lock:
-            if self._round is None or self._closing:
-                return None
-            return max(0.0, self._round.deadline - self.clock())
+            waits = [self.fed_eval.seconds_to_deadline()]
+            if self._round is not None and not self._closing:
+                waits.append(max(0.0, self._round.deadline - self.clock()))
+            found = [w for w in waits if w is not None]
+            return min(found) if found else None
 
     def step(self) -> bool:
         """Do whatever is due: start a round, close one, or rerun one. True if it did."""
         if self._commit_pending():
+            return True
+        if self._finish_evaluations():
             return True
         with self._lock:
             if self.phase == "done" or self._closing:
@@ -281,6 +338,7 @@ class SyncCoordinator:
             self._round = None
             self._closing = False
             self._pending.append((new_state, record))
+            self._start_evaluation_locked(new_state.version)
             # The next round starts at once and this one is evaluated and committed
             # while the clients train: the server's work is off the critical path.
             # A crash before the commit resumes from the previous checkpoint and
@@ -306,24 +364,64 @@ class SyncCoordinator:
                     self._committing = False
 
     def _commit_one(self, state: StrategyState, partial: dict[str, Any]) -> bool:
-        result = self.evaluator(state.weights)
-        record = {
-            "round": partial["round"],
-            "accuracy": result.accuracy,
-            "loss": result.loss,
-            **{k: v for k, v in partial.items() if k != "round"},
-        }
+        result = self.evaluator(state.weights) if self.evaluator is not None else None
+        record = {"round": partial["round"], **eval_record(result),
+                  **{k: v for k, v in partial.items() if k != "round"}}
         version = state.version
+        with self._lock:
+            record.update(self._fed_early.pop(version, {}))
         save = version % self.config.save_every == 0 or version >= self.config.rounds
         self.store.commit_round(record, state.weights if save else None, {})
         with self._lock:
             self._pending.pop(0)
-            self.history.append(record)
-            if version >= self.config.rounds:
-                self.phase = "done"
-        self.on_round(record)
-        self.on_change()
+            self._partial[version] = record
+        self._emit_ready()
         return True
+
+    def _start_evaluation_locked(self, version: int) -> None:
+        """Open federated evaluation of ``version`` when it is due and clients can do it."""
+        cfg = self.config
+        if version % cfg.eval_every and version < cfg.rounds:
+            return
+        # None: a client that cannot tell (a script holds its data) is asked too.
+        able = [c.client_id for c in self._clients if c.online and not c.dropped
+                and (c.num_test_examples is None or c.num_test_examples > 0)]
+        if not able:
+            return
+        fraction = cfg.eval_fraction if cfg.eval_fraction is not None else cfg.fraction
+        chosen = sample_clients(able, fraction, seed=cfg.seed ^ 0x5EED, round_number=version)
+        self.fed_eval.start(version, version, chosen)
+
+    def _finish_evaluations(self) -> bool:
+        updated = []
+        with self._lock:
+            finished = self.fed_eval.finished()
+            for key, fed in finished:
+                if key in self._partial:
+                    self._partial[key] = {**self._partial[key], **fed}
+                    updated.append(self._partial[key])
+                else:  # the round is not committed yet: its commit merges these
+                    self._fed_early[key] = fed
+        for record in updated:
+            self.store.update_round(record)
+        if finished:
+            self._emit_ready()
+        return bool(finished)
+
+    def _emit_ready(self) -> None:
+        """Hand committed rounds whose federated evaluation is over to ``on_round``, in order."""
+        while True:
+            with self._lock:
+                ready = sorted(k for k in self._partial if not self.fed_eval.is_open(k))
+                if not ready or (self._partial and min(self._partial) != ready[0]):
+                    return
+                key = ready[0]
+                record = self._partial.pop(key)
+                self.history.append(record)
+                if key >= self.config.rounds and not self._partial:
+                    self.phase = "done"
+            self.on_round(record)
+            self.on_change()
 
     # -- status -----------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -341,7 +439,8 @@ class SyncCoordinator:
                 "sampled": sorted(rnd.sampled) if rnd is not None else [],
                 "received": len(rnd.received) if rnd is not None else 0,
                 "history": [
-                    {"round": h["round"], "accuracy": h["accuracy"], "loss": h["loss"]}
+                    {k: v for k, v in h.items()
+                     if k in ("round", "accuracy", "loss") or k.startswith("fed_")}
                     for h in self.history
                 ],
             }

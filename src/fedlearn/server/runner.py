@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 from fedlearn.config import ServerConfig, from_mapping
 from fedlearn.errors import ConfigError, RunStateError
 from fedlearn.fsutil import atomic_write_text
-from fedlearn.runs import RunDir
+from fedlearn.runs import RunDir, final_metrics
 from fedlearn.server.store import DB_NAME, Store
+from fedlearn.tasks.base import Task
+from fedlearn.weights import nbytes
 
 if TYPE_CHECKING:
     from fedlearn.server.async_coordinator import AsyncCoordinator
@@ -98,32 +100,40 @@ def serve(
     config: ServerConfig,
     options: ServeOptions,
     *,
+    task: Task,
     resumed: bool,
     announce: Callable[[str], None] = print,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Serve the run until every round is done; returns the summary."""
+    """Serve the run until every round is done; returns the summary.
+
+    Safe to call from a thread that runs an asyncio loop (a notebook): the
+    server then runs its own loop in a separate thread.
+    """
     import uvicorn
 
-    from fedlearn.data import load_dataset
-    from fedlearn.models import build_model, get_weights
     from fedlearn.server.app import create_app
     from fedlearn.server.async_coordinator import AsyncCoordinator
     from fedlearn.server.coordinator import SyncCoordinator
-    from fedlearn.training import Shard, evaluate
+    from fedlearn.tasks.runtime import server_test_data
+    from fedlearn.training import Shard, Trainer, initial_state
 
     if (options.tls_cert is None) != (options.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together; pass both or neither.")
     started = time.perf_counter()
-    ds = load_dataset(config.dataset)
-    model = build_model(config.model, ds.input_shape, ds.num_classes, seed=config.seed)
-    test = Shard.from_numpy(ds.x_test, ds.y_test)
+    trainer = Trainer(task, seed=config.seed, device=device)
+    initial = initial_state(task, config.seed)
+    test_data = server_test_data(task)
+    test = Shard.of(test_data) if test_data is not None and len(test_data) else None
     eval_lock = threading.Lock()
 
-    def evaluator(weights: Any) -> Any:
+    def evaluate_on_server(weights: Any) -> Any:
         with eval_lock:
-            return evaluate(model, test, weights)
+            return trainer.evaluate(weights, test) if test is not None else None
 
+    evaluator = evaluate_on_server if test is not None else None
+    train_config = config.train_config(task.config)
     store = Store(run.path)
     run_id = str(run.read_config().get("run_id", "run"))
     token = join_token_for(run, options.token_file)
@@ -134,12 +144,9 @@ def serve(
             on_round(record)
 
     coordinator: SyncCoordinator | AsyncCoordinator
-    if config.mode == "async":
-        coordinator = AsyncCoordinator(config, get_weights(model), store=store,
-                                       evaluator=evaluator, on_round=record_round)
-    else:
-        coordinator = SyncCoordinator(config, get_weights(model), store=store,
-                                      evaluator=evaluator, on_round=record_round)
+    kind = AsyncCoordinator if config.mode == "async" else SyncCoordinator
+    coordinator = kind(config, initial, store=store, evaluator=evaluator,
+                       train_config=train_config, task_name=task.name, on_round=record_round)
     if resumed:
         # metrics.jsonl follows the database: rounds (updates) after the checkpoint are redone.
         run.rewrite_metrics(coordinator.history)
@@ -150,11 +157,14 @@ def serve(
         if isinstance(coordinator, AsyncCoordinator):
             # A final fedbuff flush may have replaced the last row; the database is the truth.
             run.rewrite_metrics(coordinator.history)
-            save_async_outputs(run, config, coordinator, started)
+            save_async_outputs(run, config, coordinator, started, task.name)
         else:
-            save_outputs(run, config, coordinator.weights, coordinator.history, started)
+            save_outputs(run, config, coordinator.weights, coordinator.history, started,
+                         task.name)
 
-    app = create_app(coordinator, join_token=token, run_id=run_id, on_done=finish)
+    limit = config.max_update_bytes(nbytes(initial))
+    app = create_app(coordinator, join_token=token, run_id=run_id, on_done=finish,
+                     max_update_bytes=limit)
     sock = _bind(options.host, options.port)
     port = sock.getsockname()[1]
     scheme = "https" if options.tls_cert else "http"
@@ -199,7 +209,7 @@ def serve(
         await serving
 
     try:
-        asyncio.run(main())
+        run_loop(main)
     finally:
         sock.close()
         store.close()
@@ -211,6 +221,28 @@ def serve(
             f"`fedlearn server --resume {run.path}`."
         )
     return run.read_summary()
+
+
+def run_loop(main: Callable[[], Any]) -> None:
+    """``asyncio.run(main())``, in a fresh thread when this one already runs a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(main())
+        return
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="fedlearn-server", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 async def _grace(app: Any, coordinator: Any) -> None:
@@ -231,49 +263,47 @@ async def _grace(app: Any, coordinator: Any) -> None:
 
 def save_outputs(
     run: RunDir, config: ServerConfig, weights: Any, history: list[dict[str, Any]],
-    started: float,
+    started: float, task_name: str = "",
 ) -> None:
     """Write model.safetensors, summary.json and report.png at the end of a run."""
     run.save_model(weights)
-    last = history[-1] if history else {}
     run.write_summary({
         "mode": config.mode,
+        "task": task_name,
         "dataset": config.dataset,
         "model": config.model,
         "strategy": config.strategy,
         "rounds": len(history),
         "clients": max((h.get("clients", 0) for h in history), default=0),
-        "final_accuracy": last.get("accuracy"),
-        "final_loss": last.get("loss"),
+        **final_metrics(history),
         "wall_seconds": time.perf_counter() - started,
         "median_round_seconds": _median([h["seconds"] for h in history[1:] if h.get("seconds")]),
     })
-    run.write_report(f"federated ({config.strategy}): {config.model} on {config.dataset}")
+    run.write_report(f"federated ({config.strategy}): {task_name}")
 
 
 def save_async_outputs(
-    run: RunDir, config: ServerConfig, coordinator: AsyncCoordinator, started: float
+    run: RunDir, config: ServerConfig, coordinator: AsyncCoordinator, started: float,
+    task_name: str = "",
 ) -> None:
     """model.safetensors, summary.json and report.png at the end of an async run."""
     run.save_model(coordinator.weights)
     history = coordinator.history
-    last = history[-1] if history else {}
     run.write_summary({
         "mode": "async",
         "policy": config.async_policy,
+        "task": task_name,
         "dataset": config.dataset,
         "model": config.model,
         "updates": coordinator.state.updates,
         "versions": coordinator.state.version,
         "clients": coordinator.status()["registered"],
-        "final_accuracy": last.get("accuracy"),
-        "final_loss": last.get("loss"),
+        **final_metrics(history),
         "mean_staleness": coordinator.mean_staleness,
         "training_seconds": coordinator.seconds(),
         "wall_seconds": time.perf_counter() - started,
     })
-    run.write_report(f"federated async ({config.async_policy}): {config.model} on "
-                     f"{config.dataset}")
+    run.write_report(f"federated async ({config.async_policy}): {task_name}")
 
 
 def _median(xs: list[float]) -> float | None:

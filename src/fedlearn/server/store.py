@@ -164,6 +164,15 @@ class Store:
         if weights is not None:
             self._prune_checkpoints(keep_from=version)
 
+    def update_round(self, record: dict[str, Any]) -> None:
+        """Replace the stored record of round ``record["round"]`` (federated metrics added)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE rounds SET record = ?, accuracy = ?, loss = ? WHERE round = ?",
+                (json.dumps(record), record.get("accuracy"), record.get("loss"),
+                 int(record["round"])),
+            )
+
     def rounds(self) -> list[dict[str, Any]]:
         """Every recorded round's (or async update's) metrics record, in order of key."""
         with self._lock:
@@ -192,7 +201,7 @@ class Store:
                 f"checkpoint {path} is recorded but cannot be read ({exc.strerror}); "
                 "the run directory is damaged."
             ) from exc
-        return int(version), decode(data, max_bytes=1 << 34)
+        return int(version), decode(data, max_bytes=1 << 40)
 
     def _checkpoint_path(self, version: int) -> Path:
         return self.checkpoint_dir / f"global-{version:06d}.safetensors"

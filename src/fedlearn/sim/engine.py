@@ -2,12 +2,13 @@
 
 Each round does what the HTTP server's :class:`~fedlearn.server.coordinator.SyncCoordinator`
 does with the same flags, so a simulated run and a ``fedlearn run`` reach
-the same model: the same initial model (``build_model(..., seed=seed)``), the
-same client ids (``client-{i}`` holding part ``i`` of ``partition(labels, N,
-spec, seed)``), the same sample (``sample_clients`` with fraction K/N), the
-same data seeds (``task_seed(seed, round, client_id)``), and FedAvg over a
-:class:`~fedlearn.weights.RunningSum` of deltas weighted by example counts.
-Only the training differs, and that is the engine's business.
+the same model: the same initial state (the task's model under the run
+seed), the same client ids (``client-{i}`` holding what the task's data
+function gives client ``i`` of N), the same sample (``sample_clients`` with
+fraction K/N), the same data seeds (``task_seed(seed, round, client_id)``), the
+same round config, and FedAvg over a :class:`~fedlearn.weights.RunningSum` of
+deltas weighted by example counts. Only the training differs, and that is
+the engine's business.
 """
 
 from __future__ import annotations
@@ -19,20 +20,20 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
 
 from fedlearn.config import TrainConfig
-from fedlearn.data import Dataset, load_dataset, parse_partition, partition
+from fedlearn.data import parse_partition
 from fedlearn.errors import ConfigError, PartitionError
-from fedlearn.models import build_model, get_weights
-from fedlearn.runs import RunDir
+from fedlearn.metrics import weighted_means
+from fedlearn.runs import RunDir, final_metrics
 from fedlearn.seeding import task_seed
 from fedlearn.sim.base import ENGINES, ClientTask, ClientUpdate, Engine
-from fedlearn.sim.sequential import SequentialEngine
+from fedlearn.sim.sequential import ScriptEngine, SequentialEngine
 from fedlearn.sim.vectorized import VectorizedEngine, unsupported_reason
 from fedlearn.strategies import make_strategy, sample_clients
-from fedlearn.training import Shard, evaluate
+from fedlearn.tasks.base import ClientData, Task
 from fedlearn.types import Weights
 from fedlearn.weights import RunningSum
 
@@ -50,6 +51,12 @@ class SimConfig:
     engine: str = "vectorized"
     dataset: str = "fashion-mnist"
     model: str = "mlp"
+    task: str = ""
+    data: str | None = None
+    label: str | None = None
+    test_fraction: float = 0.0
+    eval_every: int = 1
+    eval_fraction: float | None = None
     strategy: str = "fedavg"
     server_lr: float = 1.0
     seed: int = 0
@@ -71,6 +78,10 @@ class SimConfig:
             )
         if self.seed < 0:
             raise ConfigError(f"--seed must be 0 or more, got {self.seed}.")
+        if self.eval_every < 1:
+            raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}.")
+        if self.eval_fraction is not None and not 0 < self.eval_fraction <= 1:
+            raise ConfigError(f"--eval-fraction must be in (0, 1], got {self.eval_fraction}.")
         try:
             spec = parse_partition(self.partition)
         except PartitionError as exc:
@@ -100,27 +111,39 @@ def _sample_size(clients: int, per_round: int) -> int:
 
 def make_engine(
     name: str,
-    model: nn.Module,
+    task: Task,
     x: torch.Tensor,
     y: torch.Tensor,
     config: TrainConfig,
     *,
+    seed: int = 0,
+    device: str = "cpu",
     log: Callable[[str], None] = print,
 ) -> Engine:
-    """The engine ``name`` for ``model`` on the training set ``(x, y)``.
+    """The engine ``name`` for ``task`` on the pooled training rows ``(x, y)``.
 
     ``vectorized`` falls back to ``sequential`` (saying so in one line through
-    ``log``) for a model or optimizer it cannot stack.
+    ``log``) for a task, model or optimizer it cannot stack.
     """
-    if name == "sequential":
-        return SequentialEngine(model, x, y)
+    from fedlearn.training import Trainer
+
+    if name not in ENGINES:
+        raise ConfigError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}.")
+    trainer = Trainer(task, seed=seed, device=device)
     if name == "vectorized":
-        why = unsupported_reason(model, config)
-        if why is None:
-            return VectorizedEngine(model, x, y)
+        why = None
+        if task.train is not None or task.optimizer is not None:
+            why = "the task trains with its own function or optimizer"
+        elif task.loss_name != "cross_entropy":
+            why = f"it only trains the cross-entropy loss, not {task.loss_name or 'a custom one'}"
+        elif trainer.model is None:
+            why = "the task has no torch model"
+        else:
+            why = unsupported_reason(trainer.model, config)
+        if why is None and trainer.model is not None:
+            return VectorizedEngine(trainer.model, x, y)
         log(f"note: the vectorized engine cannot run this ({why}); using the sequential engine.")
-        return SequentialEngine(model, x, y)
-    raise ConfigError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}.")
+    return SequentialEngine(trainer, x, y)
 
 
 def client_ids(clients: int) -> list[str]:
@@ -137,35 +160,73 @@ def aggregate(updates: list[ClientUpdate]) -> RunningSum:
 
 
 class Simulation:
-    """A simulated run held in memory: data, clients, engine and global model, round by round.
+    """A simulated run held in memory: clients' data, engine and global model, round by round.
 
-    ``data`` replaces ``load_dataset(config.dataset)`` (tests); ``log`` hears
-    the one-line notice of an engine fallback.
+    ``log`` hears the one-line notice of an engine fallback.
     """
 
     def __init__(
         self,
         config: SimConfig,
+        task: Task,
         *,
-        data: Dataset | None = None,
+        device: str = "cpu",
         log: Callable[[str], None] = print,
     ) -> None:
+        from fedlearn.tasks.runtime import server_test_data
+        from fedlearn.training import Shard, Trainer, initial_state
+
         self.config = config
-        ds = data if data is not None else load_dataset(config.dataset)
-        self.model = build_model(config.model, ds.input_shape, ds.num_classes, seed=config.seed)
+        self.task = task
+        self.ids = client_ids(config.clients)
+        self.train_config = config.train
+        self.state = make_strategy(config.strategy, server_lr=config.server_lr).init(
+            initial_state(task, config.seed))
+        self.strategy = make_strategy(config.strategy, server_lr=config.server_lr)
+        self.test_shards: dict[str, Shard] = {}
+        self.contexts = self._contexts()
+        if task.script is not None:
+            self.engine: Engine = ScriptEngine(task, self.contexts, seed=config.seed,
+                                               device=device)
+            self.rows: dict[str, np.ndarray] = {cid: np.zeros(0, np.int64) for cid in self.ids}
+            self.evaluator: Trainer | None = None
+        else:
+            parts = [self._load(i) for i in range(config.clients)]
+            xs = np.concatenate([p.train.x for p in parts])
+            ys = np.concatenate([p.train.y for p in parts])
+            ends = np.cumsum([len(p.train) for p in parts])
+            self.rows = {cid: np.arange(end - len(p.train), end, dtype=np.int64)
+                         for cid, p, end in zip(self.ids, parts, ends, strict=True)}
+            for cid, p in zip(self.ids, parts, strict=True):
+                if p.test is not None and len(p.test):
+                    self.test_shards[cid] = Shard.of(p.test)
+            pool = Shard.from_numpy(xs, ys)
+            self.engine = make_engine(config.engine, task, pool.x, pool.y, config.train,
+                                      seed=config.seed, device=device, log=log)
+            self.evaluator = Trainer(task, seed=config.seed, device=device)
+        test = server_test_data(task)
+        self.test = Shard.of(test) if test is not None and len(test) else None
+
+    def _contexts(self) -> list[Any]:
+        from fedlearn.tasks.runtime import context
+
+        spec = self.config.partition
+        return [context(index=i, num_clients=self.config.clients, client_id=cid,
+                        data=self.config.data, label=self.config.label,
+                        partition=None if self.config.data else f"{spec}:{self.config.clients}:{i}",
+                        seed=self.config.seed, test_fraction=self.config.test_fraction)
+                for i, cid in enumerate(self.ids)]
+
+    def _load(self, index: int) -> ClientData:
+        from fedlearn.tasks.runtime import load_client_data
+
         try:
-            parts = partition(ds.y_train, config.clients, config.partition, config.seed)
+            data = load_client_data(self.task, self.contexts[index])
         except PartitionError as exc:
             raise ConfigError(f"--partition: {exc}") from None
-        self.ids = client_ids(config.clients)
-        self.rows = dict(zip(self.ids, parts, strict=True))
-        train = Shard.from_numpy(ds.x_train, ds.y_train)
-        self.test = Shard.from_numpy(ds.x_test, ds.y_test)
-        self.engine = make_engine(
-            config.engine, self.model, train.x, train.y, config.train, log=log
-        )
-        self.strategy = make_strategy(config.strategy, server_lr=config.server_lr)
-        self.state = self.strategy.init(get_weights(self.model))
+        if len(data.train) == 0:
+            raise ConfigError(f"client {index} has no training data; use fewer clients.")
+        return data
 
     @property
     def weights(self) -> Weights:
@@ -183,51 +244,85 @@ class Simulation:
             ClientTask(cid, self.rows[cid], task_seed(config.seed, rnd, cid)) for cid in sampled
         ]
         t1 = time.perf_counter()
-        updates = self.engine.train_round(self.state.weights, tasks, config.train)
+        updates = self.engine.train_round(self.state.weights, tasks, self.train_config)
         train_seconds = time.perf_counter() - t1
         self.state = self.strategy.apply(self.state, aggregate(updates))
-        result = evaluate(self.model, self.test, self.state.weights)
-        return {
-            "round": rnd,
-            "accuracy": result.accuracy,
-            "loss": result.loss,
+        record: dict[str, Any] = {"round": rnd}
+        if self.test is not None and self.evaluator is not None:
+            record.update(self.evaluator.evaluate(self.state.weights, self.test).metrics)
+        record.update(self._federated_eval(rnd))
+        record.update({
             "seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
             "clients": len(updates),
             "examples": sum(u.num_examples for u in updates),
-        }
+        })
+        return record
+
+    def _federated_eval(self, version: int) -> dict[str, Any]:
+        """Clients evaluate the new model on their own test data, as the HTTP server asks."""
+        cfg = self.config
+        if version % cfg.eval_every and version < cfg.rounds:
+            return {}
+        scripts = isinstance(self.engine, ScriptEngine)
+        able = list(self.ids) if scripts else sorted(self.test_shards)
+        if not able:
+            return {}
+        fraction = cfg.eval_fraction if cfg.eval_fraction is not None else cfg.fraction
+        chosen = sample_clients(able, fraction, seed=cfg.seed ^ 0x5EED, round_number=version)
+        results = []
+        for cid in chosen:
+            if isinstance(self.engine, ScriptEngine):
+                res = self.engine.evaluate(cid, self.state.weights, version)
+            elif self.evaluator is not None:
+                res = self.evaluator.evaluate(self.state.weights, self.test_shards[cid])
+            else:  # pragma: no cover
+                continue
+            results.append((res.metrics, res.num_examples))
+        fed: dict[str, Any] = {f"fed_{k}": v for k, v in weighted_means(results).items()}
+        fed["fed_clients"] = sum(1 for _, n in results if n > 0)
+        fed["fed_examples"] = sum(n for _, n in results)
+        return fed
+
+    def close(self) -> None:
+        """Stop client scripts, if any."""
+        if isinstance(self.engine, ScriptEngine):
+            self.engine.close()
 
 
 def run_simulation(
     config: SimConfig,
+    task: Task,
     run: RunDir,
     *,
-    data: Dataset | None = None,
     on_round: RoundHook | None = None,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Simulate ``config.rounds`` rounds in this process, writing the run directory ``run``.
+    """Simulate ``config.rounds`` rounds of ``task`` in this process, writing ``run``.
 
-    ``data`` replaces ``load_dataset(config.dataset)`` (tests). Each round
-    appends {round, accuracy, loss, seconds, train_seconds, clients, examples}
-    to ``metrics.jsonl`` (``train_seconds``: the engine's share of ``seconds``)
-    and calls ``on_round`` with it; the end writes ``model.safetensors``,
-    ``summary.json`` and ``report.png``. Returns the summary.
+    Each round appends {round, loss and the task's metrics (server test data),
+    fed_* (clients' own test data), seconds, train_seconds, clients, examples}
+    to ``metrics.jsonl`` and calls ``on_round`` with it; the end writes
+    ``model.safetensors``, ``summary.json`` and ``report.png``. Returns the summary.
     """
     started = time.perf_counter()
-    sim = Simulation(config, data=data, log=log)
+    sim = Simulation(config, task, device=device, log=log)
     history: list[dict[str, Any]] = []
-    for rnd in range(1, config.rounds + 1):
-        record = sim.run_round(rnd)
-        history.append(record)
-        run.append_metrics(record)
-        if on_round is not None:
-            on_round(record)
-    return _finish(run, config, sim.engine.name, sim.weights, history, started)
+    try:
+        for rnd in range(1, config.rounds + 1):
+            record = sim.run_round(rnd)
+            history.append(record)
+            run.append_metrics(record)
+            if on_round is not None:
+                on_round(record)
+    finally:
+        sim.close()
+    return _finish(run, config, task, sim.engine.name, sim.weights, history, started)
 
 
 def _finish(
-    run: RunDir, config: SimConfig, engine: str, weights: Weights,
+    run: RunDir, config: SimConfig, task: Task, engine: str, weights: Weights,
     history: list[dict[str, Any]], started: float,
 ) -> dict[str, Any]:
     run.save_model(weights)
@@ -236,6 +331,7 @@ def _finish(
         "mode": "sim",
         "engine": engine,
         "engine_requested": config.engine,
+        "task": task.name,
         "dataset": config.dataset,
         "model": config.model,
         "strategy": config.strategy,
@@ -243,15 +339,13 @@ def _finish(
         "per_round": config.per_round,
         "partition": config.partition,
         "rounds": len(history),
-        "final_accuracy": history[-1]["accuracy"],
-        "final_loss": history[-1]["loss"],
+        **final_metrics(history),
         "wall_seconds": time.perf_counter() - started,
         "median_round_seconds": statistics.median(later) if later else None,
     }
     run.write_summary(summary)
     run.write_report(
-        f"simulated ({config.engine}, {config.per_round}/{config.clients} per round): "
-        f"{config.model} on {config.dataset}"
+        f"simulated ({engine}, {config.per_round}/{config.clients} per round): {task.name}"
     )
     return summary
 
@@ -260,4 +354,5 @@ def config_record(config: SimConfig) -> dict[str, Any]:
     """``config`` as the mapping written to ``config.toml``."""
     values = asdict(config)
     train = values.pop("train")
-    return {"mode": "sim", "sim": values, "train": train}
+    extra = train.pop("extra", {})
+    return {"mode": "sim", "sim": values, "train": {**train, **extra}}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from fedlearn.config import STRATEGIES
 from fedlearn.errors import ConfigError
 from fedlearn.types import Weights
@@ -40,10 +42,11 @@ class FedAvg:
     def apply(self, state: StrategyState, deltas: RunningSum) -> StrategyState:
         """The state after one round whose deltas were summed into ``deltas``."""
         mean = deltas.mean()
-        new = {
-            k: (v + self.server_lr * mean[k]).astype(v.dtype, copy=False)
-            for k, v in state.weights.items()
-        }
+        new = {}
+        for k, v in state.weights.items():
+            step = self.server_lr * mean[k].astype(np.float64)
+            # Integer buffers (BatchNorm's counters) move by the rounded mean delta.
+            new[k] = (v + (np.rint(step) if v.dtype.kind in "iub" else step)).astype(v.dtype)
         return StrategyState(weights=new, version=state.version + 1)
 
 

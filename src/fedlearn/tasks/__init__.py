@@ -1,0 +1,25 @@
+"""Tasks: what is trained and on what. See :class:`~fedlearn.tasks.base.Task`."""
+
+from fedlearn.tasks.base import (
+    ClientData,
+    Data,
+    DataContext,
+    EvalContext,
+    Task,
+    TrainContext,
+    TrainResult,
+)
+from fedlearn.tasks.builtin import builtin_task
+from fedlearn.tasks.loading import load_task
+
+__all__ = [
+    "ClientData",
+    "Data",
+    "DataContext",
+    "EvalContext",
+    "Task",
+    "TrainContext",
+    "TrainResult",
+    "builtin_task",
+    "load_task",
+]
