@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 from fastapi import FastAPI
 
-from fedlearn.config import ServerConfig
+from fedlearn.config import ServerConfig, TrainConfig
 from fedlearn.seeding import task_seed
 from fedlearn.server.app import create_app
 from fedlearn.server.coordinator import SyncCoordinator
@@ -40,7 +40,7 @@ def vec(a: float, b: float) -> Weights:
 
 def evaluator(weights: Weights) -> EvalResult:
     values = [float(x) for x in weights["w"]]
-    return EvalResult(accuracy=values[0], loss=values[1], num_examples=1)
+    return EvalResult({"accuracy": values[0], "loss": values[1]}, 1)
 
 
 def bearer(secret: str) -> dict[str, str]:
@@ -219,7 +219,8 @@ def test_task_long_poll_waits_then_wakes_when_the_round_starts(
             response = await asyncio.wait_for(waiting, timeout=10)
             assert time.monotonic() - started < 5.0
             assert response.json() == {"action": "train", "round": 1, "version": 0,
-                                       "seed": task_seed(3, 1, "a")}
+                                       "seed": task_seed(3, 1, "a"), "task_id": "r1.0.a",
+                                       "config": TrainConfig().as_dict()}
             assert coord.status()["state"] == "training"
 
     run(scenario)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 
-from fedlearn.config import ServerConfig
+from fedlearn.config import ServerConfig, TrainConfig
 from fedlearn.seeding import derive_seed
 from fedlearn.server.app import create_app
 from fedlearn.server.async_coordinator import AsyncCoordinator, Merged
@@ -79,7 +79,8 @@ def test_register_task_model_and_update_in_async_mode(
             assert await task(client, cred_a, wait=0.1) == {"action": "wait"}
             cred_b = await register(client, "b")
             assert await task(client, cred_a) == {
-                "action": "train", "version": 0, "seed": derive_seed("async-task", 3, "a", 1)}
+                "action": "train", "version": 0, "seed": derive_seed("async-task", 3, "a", 1),
+                "task_id": "u1.a", "config": TrainConfig().as_dict()}
             response = await post_update(client, cred_a, encode(vec(2, 2)), version=0,
                                          num_examples=10)
             assert response.status_code == 200, response.text

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedlearn.config import ServerConfig
+from fedlearn.config import ServerConfig, TrainConfig
 from fedlearn.errors import ConflictError, PayloadError
 from fedlearn.seeding import derive_seed
 from fedlearn.server.async_coordinator import DONE, WAIT, AsyncCoordinator, AsyncTask, Merged
@@ -80,8 +80,10 @@ def test_waits_for_min_clients_then_hands_out_train_at_once(
     assert h.coord.status()["state"] == "waiting"
     h.start("b")
     first = h.coord.poll("a")
-    assert first == AsyncTask("train", 0, derive_seed("async-task", 7, "a", 1))
-    assert first.to_json() == {"action": "train", "version": 0, "seed": first.seed}
+    assert first == AsyncTask("train", 0, derive_seed("async-task", 7, "a", 1), "u1.a",
+                              TrainConfig().as_dict())
+    assert first.to_json() == {"action": "train", "version": 0, "seed": first.seed,
+                               "task_id": "u1.a", "config": TrainConfig().as_dict()}
     second = h.coord.poll("a")  # the next local training gets another seed
     assert second.seed == derive_seed("async-task", 7, "a", 2) != first.seed
     assert h.coord.poll("b").seed == derive_seed("async-task", 7, "b", 1)
@@ -377,7 +379,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path: Path, stores: list[
     assert again.coord.poll("a") == WAIT  # waits for min_clients again
     again.coord.poll("b")
     # Task counters continue from the checkpoint: the fifth task is handed out again.
-    assert again.coord.poll("a") == AsyncTask("train", 4, derive_seed("async-task", 7, "a", 5))
+    assert again.coord.poll("a") == AsyncTask("train", 4, derive_seed("async-task", 7, "a", 5), "u5.a", TrainConfig().as_dict())
     again.push("a", 9.0, n=10)
     again.push("a", 9.0, n=10)
     again.drain()

@@ -8,12 +8,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedlearn.config import ServerConfig
+from fedlearn.config import ServerConfig, TrainConfig
 from fedlearn.errors import AuthError, ConflictError, PayloadError
 from fedlearn.seeding import task_seed
 from fedlearn.server.coordinator import DONE, WAIT, SyncCoordinator, Task
 from fedlearn.server.store import Store
 from fedlearn.types import EvalResult, Weights
+
+
+def train_task(round_: int, version: int, cid: str, attempt: int = 0) -> Task:
+    """The train task a client gets in round ``round_`` (seed of run seed 7)."""
+    return Task("train", round_, version, task_seed(7, round_, cid), f"r{round_}.{attempt}.{cid}",
+                TrainConfig().as_dict())
 
 
 class FakeClock:
@@ -38,7 +44,7 @@ class Evaluator:
     def __call__(self, weights: Weights) -> EvalResult:
         values = [float(x) for x in weights["w"]]
         self.seen.append(values)
-        return EvalResult(accuracy=values[0], loss=values[1], num_examples=1)
+        return EvalResult({"accuracy": values[0], "loss": values[1]}, 1)
 
 
 def vec(a: float, b: float) -> Weights:
@@ -113,10 +119,11 @@ def test_no_round_before_min_clients_then_step_starts_round_one(
     assert h.coord.status()["round"] == 1
     assert h.coord.seconds_to_deadline() == pytest.approx(10.0)
     task_a, task_b = h.coord.poll("a"), h.coord.poll("b")
-    assert task_a == Task("train", 1, 0, task_seed(7, 1, "a"))
-    assert task_b == Task("train", 1, 0, task_seed(7, 1, "b"))
+    assert task_a == train_task(1, 0, "a")
+    assert task_b == train_task(1, 0, "b")
     assert task_a.to_json() == {"action": "train", "round": 1, "version": 0,
-                                "seed": task_seed(7, 1, "a")}
+                                "seed": task_seed(7, 1, "a"), "task_id": "r1.0.a",
+                                "config": TrainConfig().as_dict()}
     assert WAIT.to_json() == {"action": "wait"}
     assert task_a.seed != task_b.seed
     assert h.coord.step() is False  # nothing more is due
@@ -135,7 +142,7 @@ def test_seeds_are_stable_and_differ_per_client_and_round(
     assert one.coord.poll("a").seed == task_seed(7, 1, "a")
     assert task_seed(7, 1, "a") != task_seed(7, 2, "a") != task_seed(8, 2, "a")
     one.finish_round()
-    assert one.coord.poll("a") == Task("train", 2, 1, task_seed(7, 2, "a"))
+    assert one.coord.poll("a") == train_task(2, 1, "a")
 
 
 def test_resumed_run_waits_for_min_clients_to_poll(tmp_path: Path, stores: list[Store]) -> None:
@@ -151,7 +158,7 @@ def test_resumed_run_waits_for_min_clients_to_poll(tmp_path: Path, stores: list[
     assert again.coord.step() is False  # only one of min_clients=2 polled
     assert again.coord.poll("b") == WAIT
     assert again.coord.step() is True
-    assert again.coord.poll("a") == Task("train", 2, 1, task_seed(7, 2, "a"))
+    assert again.coord.poll("a") == train_task(2, 1, "a")
 
 
 def test_only_sampled_clients_get_train(tmp_path: Path, stores: list[Store]) -> None:
@@ -163,7 +170,7 @@ def test_only_sampled_clients_get_train(tmp_path: Path, stores: list[Store]) -> 
     for cid in "abcd":
         task = h.coord.poll(cid)
         if cid in sampled:
-            assert task == Task("train", 1, 0, task_seed(7, 1, cid))
+            assert task == train_task(1, 0, cid)
         else:
             assert task == WAIT
 
@@ -231,7 +238,7 @@ def test_fedavg_by_hand_and_the_round_record(tmp_path: Path, stores: list[Store]
     assert status["version"] == 1
     assert status["round"] == 2  # the next round started at once
     assert status["history"] == [{"round": 1, "accuracy": 4.25, "loss": 2.25}]
-    assert h.coord.poll("a") == Task("train", 2, 1, task_seed(7, 2, "a"))
+    assert h.coord.poll("a") == train_task(2, 1, "a")
     data, version = h.coord.model_bytes()
     assert version == 1
     from fedlearn.weights import decode
@@ -334,7 +341,7 @@ def test_rerun_starts_at_once_when_enough_clients_are_left(
         with pytest.raises(ConflictError, match="not sampled"):
             h.coord.submit(cid, 1, vec(1, 1), 1)
     for cid in rerun:
-        assert h.coord.poll(cid) == Task("train", 1, 0, task_seed(7, 1, cid))
+        assert h.coord.poll(cid) == train_task(1, 0, cid, attempt=1)
         h.coord.submit(cid, 1, vec(1, 1), 1)
     assert h.coord.step() is True
     assert global_w(h.coord) == [2.0, 0.0]
@@ -405,10 +412,10 @@ def test_updates_and_polls_while_a_round_closes(tmp_path: Path, stores: list[Sto
     h.coord.submit("a", 1, vec(1, 1), 1)
     h.coord.submit("b", 1, vec(3, 3), 1)
     assert h.coord.step() is True
-    assert seen == [Task("train", 2, 1, task_seed(7, 2, "a")), False, True, 0]
+    assert seen == [train_task(2, 1, "a"), False, True, 0]
     assert global_w(h.coord) == [3.0, 1.0]
     assert [r["round"] for r in h.coord.history] == [1]
-    assert h.coord.poll("a") == Task("train", 2, 1, task_seed(7, 2, "a"))
+    assert h.coord.poll("a") == train_task(2, 1, "a")
 
 
 def test_unknown_credential_is_refused(tmp_path: Path, stores: list[Store]) -> None:
@@ -476,7 +483,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path, stores: list[Store
     for cid in "ab":
         again.coord.poll(cid)
     assert again.coord.step()
-    assert again.coord.poll("a") == Task("train", 3, 2, task_seed(7, 3, "a"))
+    assert again.coord.poll("a") == train_task(3, 2, "a")
     again.finish_round(1.0)
     again.finish_round(1.0)
     assert again.coord.done

@@ -18,6 +18,7 @@ from fedlearn.runs import RunDir, load_model_file
 from fedlearn.seeding import task_seed
 from fedlearn.sim import ENGINES, ClientUpdate, SimConfig, aggregate, config_record, run_simulation
 from fedlearn.strategies import sample_clients
+from fedlearn.tasks import Task, array_task
 from fedlearn.training import Shard, local_update
 
 
@@ -54,7 +55,15 @@ def simulate(tmp: Path, engine: str, **overrides: object) -> tuple[dict[str, obj
     values.update(overrides)
     config = SimConfig(**values)  # type: ignore[arg-type]
     run = RunDir.create(tmp / engine, config_record(config))
-    return run_simulation(config, run, data=toy_dataset(), log=lambda line: None), run
+    return run_simulation(config, toy_task(), run, log=lambda line: None), run
+
+
+def toy_task(ds: Dataset | None = None, model: str = "mlp") -> Task:
+    """The toy dataset as a task with the built-in model (partitioned as the built-ins are)."""
+    data = ds if ds is not None else toy_dataset()
+    return array_task(
+        data.name, lambda: build_model(model, data.input_shape, data.num_classes, seed=None),
+        (data.x_train, data.y_train), (data.x_test, data.y_test), num_classes=data.num_classes)
 
 
 def test_aggregate_weights_by_examples_in_sorted_order() -> None:
@@ -124,8 +133,9 @@ def test_vectorized_falls_back_to_sequential_for_the_cnn(tmp_path: Path) -> None
     config = SimConfig(clients=2, per_round=2, rounds=1, model="cnn", dataset="toy28",
                        train=TrainConfig(optimizer="sgd", lr=0.01, batch_size=20))
     lines: list[str] = []
-    summary = run_simulation(config, RunDir.create(tmp_path / "r", config_record(config)),
-                             data=ds, log=lines.append)
+    summary = run_simulation(config, toy_task(ds, "cnn"),
+                             RunDir.create(tmp_path / "r", config_record(config)),
+                             log=lines.append)
     assert summary["engine"] == "sequential" and summary["engine_requested"] == "vectorized"
     assert len(lines) == 1 and "sequential" in lines[0]
 

@@ -55,10 +55,11 @@ class LocalClient:
         return None if self.train_shard is None else len(self.train_shard)
 
     @property
-    def num_test_examples(self) -> int | None:
-        """Local test examples (None when a script holds the data: it may have some)."""
+    def num_test_examples(self) -> int:
+        """Local test examples. A script holds its own data, so it is asked to evaluate
+        (1 stands for "some"; it answers with its true count, 0 when it has none)."""
         if self.runner is not None:
-            return None
+            return 1
         return 0 if self.test_shard is None else len(self.test_shard)
 
     def fit(

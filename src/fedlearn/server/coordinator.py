@@ -383,9 +383,8 @@ class SyncCoordinator:
         cfg = self.config
         if version % cfg.eval_every and version < cfg.rounds:
             return
-        # None: a client that cannot tell (a script holds its data) is asked too.
         able = [c.client_id for c in self._clients if c.online and not c.dropped
-                and (c.num_test_examples is None or c.num_test_examples > 0)]
+                and (c.num_test_examples or 0) > 0]
         if not able:
             return
         fraction = cfg.eval_fraction if cfg.eval_fraction is not None else cfg.fraction

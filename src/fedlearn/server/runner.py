@@ -105,6 +105,7 @@ def serve(
     announce: Callable[[str], None] = print,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     device: str = "cpu",
+    ready: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
     """Serve the run until every round is done; returns the summary.
 
@@ -199,6 +200,8 @@ def serve(
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)
+        if ready is not None and server.started:
+            ready(url, token)
         done_event: asyncio.Event | None = getattr(app.state, "done_event", None)
         if done_event is not None and not serving.done():
             stop = asyncio.create_task(done_event.wait())

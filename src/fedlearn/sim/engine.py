@@ -13,6 +13,7 @@ the engine's business.
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedlearn.config import TrainConfig
 from fedlearn.data import parse_partition
@@ -109,9 +111,14 @@ def _sample_size(clients: int, per_round: int) -> int:
     return min(clients, max(1, math.ceil(per_round / clients * clients - 1e-9)))
 
 
+def model_task(model: nn.Module) -> Task:
+    """A cross-entropy classification task around a bare model (each trainer gets a copy)."""
+    return Task(name=type(model).__name__, model=lambda: copy.deepcopy(model))
+
+
 def make_engine(
     name: str,
-    task: Task,
+    task: Task | nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     config: TrainConfig,
@@ -127,6 +134,8 @@ def make_engine(
     """
     from fedlearn.training import Trainer
 
+    if isinstance(task, nn.Module):
+        task = model_task(task)
     if name not in ENGINES:
         raise ConfigError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}.")
     trainer = Trainer(task, seed=seed, device=device)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from fedlearn.config import TrainConfig
 from fedlearn.sim.base import ClientTask, ClientUpdate
@@ -28,7 +29,13 @@ class SequentialEngine:
 
     name = "sequential"
 
-    def __init__(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(self, trainer: Trainer | nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        from fedlearn.training import Trainer
+
+        if isinstance(trainer, nn.Module):
+            from fedlearn.sim.engine import model_task
+
+            trainer = Trainer(model_task(trainer))
         self.trainer = trainer
         self.x = x
         self.y = y

@@ -9,7 +9,7 @@ from fedlearn.tasks.base import (
     TrainContext,
     TrainResult,
 )
-from fedlearn.tasks.builtin import builtin_task
+from fedlearn.tasks.builtin import array_task, builtin_task
 from fedlearn.tasks.loading import load_task
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "Task",
     "TrainContext",
     "TrainResult",
+    "array_task",
     "builtin_task",
     "load_task",
 ]

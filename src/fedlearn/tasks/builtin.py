@@ -16,17 +16,53 @@ import numpy as np
 from fedlearn.errors import ConfigError
 from fedlearn.tasks.base import ClientData, Data, DataContext, Task
 
+_PARTS: dict[tuple[int, str, int, int], tuple[np.ndarray, ...]] = {}
 
-@functools.lru_cache(maxsize=8)
-def _parts(name: str, spec: str, clients: int, seed: int) -> tuple[np.ndarray, ...]:
-    from fedlearn.data import load_dataset, partition
 
-    return tuple(partition(load_dataset(name).y_train, clients, spec, seed))
+def partition_rows(labels: np.ndarray, spec: str, seed: int) -> np.ndarray:
+    """The rows of ``labels`` that partition ``spec`` (``iid:N:I`` ...) gives this party.
+
+    The whole N-way split is computed once per (labels, spec, seed) and kept, so N
+    simulated clients do not each recompute it.
+    """
+    from fedlearn.data import parse_partition, partition
+
+    parsed = parse_partition(spec)
+    if parsed.part is None:
+        return partition(labels, 1, parsed, seed)[0]
+    n, i = parsed.part
+    whole = spec.rsplit(":", 2)[0]
+    key = (id(labels), whole, n, seed)
+    if key not in _PARTS:
+        if len(_PARTS) > 16:
+            _PARTS.clear()
+        _PARTS[key] = tuple(partition(labels, n, whole, seed))
+    return _PARTS[key][i]
+
+
+def array_task(
+    name: str, model: Any, train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray] | None = None, **options: Any,
+) -> Task:
+    """A task over in-memory arrays: each party gets its ``--partition`` share of ``train``
+    (all of it when no partition is named); ``test`` is the server's test set."""
+    x, y = train
+
+    def data(ctx: DataContext) -> ClientData:
+        from fedlearn.tasks.runtime import with_local_test
+
+        if ctx.partition is None:
+            return with_local_test(ClientData(Data(x, y)), ctx)
+        rows = partition_rows(y, ctx.partition, ctx.seed)
+        return with_local_test(ClientData(Data(x[rows], y[rows])), ctx)
+
+    test_data = None if test is None else (lambda: Data(*test))
+    return Task(name=name, model=model, data=data, test_data=test_data, **options)
 
 
 def builtin_data(name: str, ctx: DataContext) -> ClientData:
     """A party's share of built-in dataset ``name`` (see the module docstring)."""
-    from fedlearn.data import load_dataset, parse_partition
+    from fedlearn.data import load_dataset
     from fedlearn.data.datasets import NORMALIZATION
     from fedlearn.data.fetch import get_source
     from fedlearn.tasks.runtime import read_path, with_local_test
@@ -42,13 +78,7 @@ def builtin_data(name: str, ctx: DataContext) -> ClientData:
     if ctx.partition is None:
         train = Data(ds.x_train, ds.y_train)
     else:
-        spec = parse_partition(ctx.partition)
-        if spec.part is not None:
-            n, i = spec.part
-            whole = ctx.partition.rsplit(":", 2)[0]
-            rows = _parts(name, whole, n, ctx.seed)[i]
-        else:
-            rows = _parts(name, ctx.partition, 1, ctx.seed)[0]
+        rows = partition_rows(ds.y_train, ctx.partition, ctx.seed)
         train = Data(ds.x_train[rows], ds.y_train[rows])
     return with_local_test(ClientData(train), ctx)
 
