@@ -14,6 +14,7 @@ user to delete it and fetch it again.
 from __future__ import annotations
 
 import gzip
+import math
 import tarfile
 import zlib
 from pathlib import Path
@@ -103,7 +104,8 @@ def read_idx(path: Path, *, dataset: str | None = None) -> np.ndarray:
     if len(raw) < header_len:
         raise _corrupt(path, "truncated IDX header", dataset)
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    # Python ints: an int64 product of four dims of 2**16 wraps to 0 and would pass the checks.
+    expected = math.prod(dims) * dtype.itemsize
     actual = len(raw) - header_len
     if actual < expected:
         raise _corrupt(
