@@ -23,14 +23,14 @@ TABLE_SUFFIXES: frozenset[str] = PARQUET_SUFFIXES | {".csv"}
 
 def _load(path: Path, *, parquet: bool) -> Any:
     """The whole table in ``path`` as a ``pyarrow.Table``."""
-    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow as pa
 
     try:
         if parquet:
-            import pyarrow.parquet as pq  # type: ignore[import-untyped]
+            import pyarrow.parquet as pq
 
             return pq.read_table(path)
-        import pyarrow.csv as pacsv  # type: ignore[import-untyped]
+        import pyarrow.csv as pacsv
 
         return pacsv.read_csv(path)
     except (pa.ArrowException, OSError, ValueError) as exc:
