@@ -141,7 +141,9 @@ SKIP_METRICS = ("round", "update", "version", "seconds", "train_seconds", "clien
 def metrics_text(record: dict[str, Any], limit: int = 4) -> str:
     """``accuracy 87.10%  loss 0.3610  fed_auc 0.9812`` from a metrics record."""
     parts = []
-    for key, value in record.items():
+    ordered = sorted(record.items(), key=lambda kv: (not kv[0].endswith("accuracy"),
+                                                     kv[0].startswith("fed_")))
+    for key, value in ordered:
         if key in SKIP_METRICS or not isinstance(value, int | float) or isinstance(value, bool):
             continue
         shown = pct(value) if key.endswith("accuracy") else f"{float(value):.4f}"

@@ -125,7 +125,8 @@ def serve(
     started = time.perf_counter()
     trainer = Trainer(task, seed=config.seed, device=device)
     initial = initial_state(task, config.seed)
-    test_data = server_test_data(task)
+    evaluable = task.model is not None or task.evaluate is not None
+    test_data = server_test_data(task) if evaluable else None
     test = Shard.of(test_data) if test_data is not None and len(test_data) else None
     eval_lock = threading.Lock()
 

@@ -198,7 +198,6 @@ class Simulation:
             self.engine: Engine = ScriptEngine(task, self.contexts, seed=config.seed,
                                                device=device)
             self.rows: dict[str, np.ndarray] = {cid: np.zeros(0, np.int64) for cid in self.ids}
-            self.evaluator: Trainer | None = None
         else:
             parts = [self._load(i) for i in range(config.clients)]
             xs = np.concatenate([p.train.x for p in parts])
@@ -212,8 +211,9 @@ class Simulation:
             pool = Shard.from_numpy(xs, ys)
             self.engine = make_engine(config.engine, task, pool.x, pool.y, config.train,
                                       seed=config.seed, device=device, log=log)
-            self.evaluator = Trainer(task, seed=config.seed, device=device)
-        test = server_test_data(task)
+        evaluable = task.model is not None or task.evaluate is not None
+        self.evaluator = Trainer(task, seed=config.seed, device=device) if evaluable else None
+        test = server_test_data(task) if evaluable else None
         self.test = Shard.of(test) if test is not None and len(test) else None
 
     def _contexts(self) -> list[Any]:

@@ -120,7 +120,8 @@ class Task:
     - ``model``: a zero-argument factory of a torch ``nn.Module`` (initialised
       under a seed fork, so runs are reproducible); or ``init(seed) -> Weights``
       for a task that trains without torch (then ``train`` or ``script`` is needed).
-    - ``data(ctx) -> ClientData``: how a party loads its data; None means
+    - ``data(ctx) -> ClientData`` (or ``Data``, then ``--test-fraction`` of it is
+      held out as the local test set): how a party loads its data; None means
       ``--data PATH`` read by :func:`fedlearn.data.local.read_local` with ``reader``
       options (``image_size``, ``channels``, ``mean``, ``std``, ``classes``).
     - ``test_data() -> Data | None``: the server's (and the centralized
@@ -142,7 +143,7 @@ class Task:
     name: str
     model: Callable[[], Any] | None = None
     init: Callable[[int], Weights] | None = None
-    data: Callable[[DataContext], ClientData] | None = None
+    data: Callable[[DataContext], ClientData | Data] | None = None
     test_data: Callable[[], Data | None] | None = None
     kind: str = "classification"
     num_classes: int | None = None
