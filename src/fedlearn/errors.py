@@ -19,6 +19,8 @@ server answers with the error's ``http_status`` and the same sentence.
                                 not sampled, or too stale (HTTP 409)
 - :class:`RunStateError`        a run directory that cannot be written or resumed (exit 4)
 - :class:`RemoteError`          the server could not be reached or refused us (exit 5)
+- :class:`SecAggAbortedError`   a secure aggregation round cannot finish: fewer clients
+                                than its threshold are left, so nothing is revealed (HTTP 409)
 """
 
 from __future__ import annotations
@@ -115,3 +117,9 @@ class RemoteError(FedlearnError):
     """The server could not be reached, or answered with an error."""
 
     exit_code = 5
+
+
+class SecAggAbortedError(FedlearnError):
+    """A secure aggregation round has fewer surviving clients than its threshold."""
+
+    http_status = 409
