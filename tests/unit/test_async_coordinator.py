@@ -379,7 +379,8 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path: Path, stores: list[
     assert again.coord.poll("a") == WAIT  # waits for min_clients again
     again.coord.poll("b")
     # Task counters continue from the checkpoint: the fifth task is handed out again.
-    assert again.coord.poll("a") == AsyncTask("train", 4, derive_seed("async-task", 7, "a", 5), "u5.a", TrainConfig().as_dict())
+    assert again.coord.poll("a") == AsyncTask("train", 4, derive_seed("async-task", 7, "a", 5),
+                                              "u5.a", TrainConfig().as_dict())
     again.push("a", 9.0, n=10)
     again.push("a", 9.0, n=10)
     again.drain()

@@ -18,14 +18,14 @@ from fedlearn.client.remote import (
     Task,
 )
 from fedlearn.client.worker import WorkerSummary, run_worker
-from fedlearn.data import client_indices
+from fedlearn.config import TrainConfig
 from fedlearn.errors import ConflictError, RemoteError
 from fedlearn.models import build_model, get_weights
-from fedlearn.training import Shard, local_update
+from fedlearn.training import Shard, Trainer
 from fedlearn.types import Weights
 from fedlearn.weights import add, decode
 from tests.unit.test_client_remote import registered, weights
-from tests.unit.test_client_worker import CLASSES, SHAPE, TRAIN, config, synthetic
+from tests.unit.test_client_worker import CLASSES, SHAPE, TASK, TRAIN, client_part, config
 
 DOWN = ServerUnavailable("connection refused.", url="http://fl.test")
 
@@ -38,14 +38,17 @@ class FakeAsyncServer:
     train tasks to hand out before done.
     """
 
-    def __init__(self, tasks: int) -> None:
+    def __init__(self, tasks: int, *, config: dict[str, Any] | None = None) -> None:
         self.tasks = tasks
+        self.config = config  # sent with each task (as an async server does)
         self.version = 0
         self.weights = get_weights(build_model("mlp", SHAPE, CLASSES, seed=1))
         self.errors: dict[str, list[Exception | None]] = {}
         self.calls: list[str] = []
         self.seeds: list[int] = []
         self.pushes: list[tuple[int, Weights, int]] = []
+        self.task_ids: list[str | None] = []
+        self.metrics: list[dict[str, float]] = []
 
     def _enter(self, method: str) -> None:
         self.calls.append(method)
@@ -55,10 +58,14 @@ class FakeAsyncServer:
             if exc is not None:
                 raise exc
 
-    def register(self, client_id: str, num_examples: int) -> Registration:
+    def register(
+        self, client_id: str, num_examples: int | None, *,
+        num_test_examples: int | None = None, task: Mapping[str, Any] | None = None,
+    ) -> Registration:
         self._enter("register")
         return Registration(client_id=client_id, credential="cred", run_id="run-1",
-                            mode="async", dataset="synthetic", model="mlp", rounds=0)
+                            mode="async", dataset="synthetic", model="mlp", rounds=0,
+                            task="synthetic", config=TRAIN.as_dict())
 
     def next_task(self, wait: float) -> Task:
         self._enter("next_task")
@@ -66,24 +73,31 @@ class FakeAsyncServer:
             return Task("done")
         self.tasks -= 1
         self.seeds.append(100 + len(self.seeds))
-        return Task("train", version=self.version, seed=self.seeds[-1])
+        return Task("train", version=self.version, seed=self.seeds[-1],
+                    task_id=f"u{len(self.seeds)}.c1", config=self.config)
 
     def get_model(self) -> tuple[Weights, int]:
         self._enter("get_model")
         return {k: v.copy() for k, v in self.weights.items()}, self.version
 
     def push_update(
-        self, version: int, delta: Weights, num_examples: int, metrics: Mapping[str, float]
+        self, version: int, delta: Weights, num_examples: int, metrics: Mapping[str, float],
+        task_id: str | None = None,
     ) -> dict[str, Any]:
         self._enter("push_update")
         self.pushes.append((version, delta, num_examples))
+        self.task_ids.append(task_id)
+        self.metrics.append(dict(metrics))
         self.weights = add(self.weights, delta)
         self.version += 1
         return {"accepted": True, "update": len(self.pushes),
                 "staleness": self.version - 1 - version}
 
-    def submit_update(self, *args: Any) -> None:
+    def submit_update(self, *args: Any, **kwargs: Any) -> None:
         raise AssertionError("an async client must not send sync updates")
+
+    def submit_evaluation(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("an async run hands out no evaluations")
 
     def status(self) -> dict[str, Any]:
         return {}
@@ -92,22 +106,16 @@ class FakeAsyncServer:
         pass
 
 
-def shard() -> Shard:
-    ds = synthetic()
-    return Shard.from_numpy(ds.x_train, ds.y_train, client_indices(ds.y_train, "iid:2:0", 0))
-
-
-def train(start: Weights, seed: int) -> Weights:
-    """The weights after one local_update from ``start`` with ``seed``."""
-    result = local_update(build_model("mlp", SHAPE, CLASSES), start, shard(), TRAIN, seed=seed)
+def train(start: Weights, seed: int, cfg: TrainConfig = TRAIN) -> Weights:
+    """The weights after one local training of client 0 of 2 from ``start`` with ``seed``."""
+    result = Trainer(TASK, seed=0).fit(start, Shard.of(client_part(0, 2)), cfg, seed=seed)
     return add(start, result.delta)
 
 
 def go(fake: FakeAsyncServer, **overrides: Any) -> tuple[WorkerSummary, list[str]]:
     lines: list[str] = []
     values = {"max_retries": 1, **overrides}
-    summary = run_worker(config(**values), fake, data=synthetic(), log=lines.append,
-                         sleep=lambda s: None)
+    summary = run_worker(config(**values), fake, log=lines.append, sleep=lambda s: None)
     return summary, lines
 
 
@@ -125,7 +133,17 @@ def test_pulls_trains_and_pushes_with_the_base_version_until_done() -> None:
     assert len(set(fake.seeds)) == 3  # each local training has its own seed
     close(fake.pushes[0][1], {k: train(start, 100)[k] - start[k] for k in start})
     assert fake.calls.count("get_model") == 3
+    assert fake.task_ids == ["u1.c1", "u2.c1", "u3.c1"]  # each push names its task
+    assert all(set(m) >= {"train_loss", "train_accuracy", "seconds"} for m in fake.metrics)
     assert sum("merged as update" in line for line in lines) == 3
+
+
+def test_trains_with_the_tasks_config_under_the_clients_flags() -> None:
+    fake = FakeAsyncServer(tasks=1, config={"epochs": 2, "lr": 0.01})
+    start = {k: v.copy() for k, v in fake.weights.items()}
+    go(fake, overrides={"lr": 0.1})
+    used = TrainConfig(epochs=2, batch_size=8, optimizer="sgd", lr=0.1)
+    close(fake.pushes[0][1], {k: train(start, 100, used)[k] - start[k] for k in start})
 
 
 def test_cannot_pull_so_trains_on_the_weights_it_has_with_the_same_base() -> None:
@@ -164,6 +182,8 @@ def test_cannot_poll_so_trains_offline_with_a_new_seed() -> None:
     assert len(fake.pushes) == 3  # two tasks and one offline training
     # The offline one is measured from its own weights, with its old base version.
     assert [v for v, _, _ in fake.pushes] == [0, 0, 2]
+    # It had no new task, so it names the last task it was given.
+    assert fake.task_ids == ["u1.c1", "u1.c1", "u2.c1"]
     deltas = [d for _, d, _ in fake.pushes]
     assert not np.allclose(deltas[0]["fc1.weight"], deltas[1]["fc1.weight"])
 
@@ -197,18 +217,23 @@ def test_push_update_sends_the_version_and_the_run_id() -> None:
     seen: list[httpx.Request] = []
     answer = {"accepted": True, "version": 4, "update": 9, "staleness": 2}
     remote = registered(lambda r: httpx.Response(200, json=answer), seen)
-    assert remote.push_update(4, weights(), 64, {"train_loss": 0.5}) == answer
+    assert remote.push_update(4, weights(), 64, {"train_loss": 0.5}, "u3.c1") == answer
     req = seen[-1]
-    assert req.url.path == "/api/update"
-    assert dict(req.url.params) == {"version": "4", "num_examples": "64", "train_loss": "0.5"}
+    assert req.method == "POST" and req.url.path == "/api/update"
+    assert dict(req.url.params) == {"version": "4", "num_examples": "64",
+                                    "metrics": '{"train_loss":0.5}', "task_id": "u3.c1"}
     assert req.headers["x-fedlearn-run"] == "run-7"
     assert set(decode(req.content)) == set(weights())
+    remote.push_update(5, weights(), 1, {"train_loss": float("inf")})  # no task id: none sent
+    assert dict(seen[-1].url.params) == {"version": "5", "num_examples": "1", "metrics": "{}"}
     remote.submit_update(2, weights(), 1, {})  # sync updates carry the run id too
     assert seen[-1].headers["x-fedlearn-run"] == "run-7"
 
 
 def test_async_train_tasks_have_no_round() -> None:
-    body = {"action": "train", "version": 5, "seed": 11}
+    body = {"action": "train", "version": 5, "seed": 11, "task_id": "u1.c1",
+            "config": {"lr": 0.1}}
     remote = registered(lambda r: httpx.Response(200, json=body))
-    assert remote.next_task(1) == Task("train", round=0, version=5, seed=11)
+    assert remote.next_task(1) == Task("train", round=0, version=5, seed=11, task_id="u1.c1",
+                                       config={"lr": 0.1})
     assert isinstance(RemoteServer, type)

@@ -69,6 +69,7 @@ def test_register_sends_join_token_and_later_calls_the_credential() -> None:
         assert remote.next_task(5) == Task("wait")
     assert (reg.credential, reg.run_id, reg.mode, reg.dataset, reg.model, reg.rounds) == (
         "cred-1", "run-7", "sync", "digits", "mlp", 3)
+    assert (reg.task, reg.config) == ("", {})  # an answer without them still parses
     assert "cred-1" not in repr(reg)
     first, second = seen
     assert first.method == "POST" and str(first.url) == f"{URL}/api/register"
@@ -77,19 +78,58 @@ def test_register_sends_join_token_and_later_calls_the_credential() -> None:
     assert second.headers["authorization"] == "Bearer cred-1"
 
 
+def test_register_sends_the_task_identity_and_reads_the_task_and_config() -> None:
+    seen: list[httpx.Request] = []
+    config = {"epochs": 1, "batch_size": 8, "optimizer": "sgd", "lr": 0.05, "mu": 0.1}
+    body = {**REG, "task": "digits/mlp", "config": config}
+    remote = server(lambda r: httpx.Response(200, json=body), seen)
+    identity = {"name": "digits/mlp",
+                "spec": {"fc1.bias": {"shape": [4], "dtype": "float32"}}}
+    reg = remote.register("c1", 719, num_test_examples=80, task=identity)
+    assert (reg.task, reg.config) == ("digits/mlp", config)
+    assert json.loads(seen[-1].content) == {"client_id": "c1", "num_examples": 719,
+                                            "num_test_examples": 80, "task": identity}
+    # Without examples (a client still learning which model the server runs):
+    remote.register("c1", None)
+    assert json.loads(seen[-1].content) == {"client_id": "c1"}
+    # A test-set count of 0 is sent, not dropped.
+    remote.register("c1", 5, num_test_examples=0)
+    assert json.loads(seen[-1].content) == {"client_id": "c1", "num_examples": 5,
+                                            "num_test_examples": 0}
+
+
+@pytest.mark.parametrize("missing", ["credential", "run_id", "mode", "rounds"])
+def test_register_refuses_an_answer_without_a_field(missing: str) -> None:
+    body = {k: v for k, v in REG.items() if k != missing}
+    remote = server(lambda r: httpx.Response(200, json=body))
+    with pytest.raises(RemoteError, match=missing):
+        remote.register("c1", 1)
+    assert remote.credential is None
+
+
 def test_next_task_long_polls_and_parses_actions() -> None:
     seen: list[httpx.Request] = []
-    answers = iter([{"action": "train", "round": 4, "version": 3, "seed": 99},
-                    {"action": "done"}, {"action": "wait"}])
+    answers = iter([{"action": "train", "round": 4, "version": 3, "seed": 99,
+                     "task_id": "r4.0.c1", "config": {"lr": 0.1, "epochs": 2}},
+                    {"action": "done"}, {"action": "wait"},
+                    {"action": "evaluate", "round": 2, "version": 6, "task_id": "e2.c1"},
+                    {"action": "train", "round": 5, "version": 4, "seed": 1}])
     remote = registered(lambda r: httpx.Response(200, json=next(answers)), seen)
-    assert remote.next_task(30.0) == Task("train", round=4, version=3, seed=99)
+    assert remote.next_task(30.0) == Task("train", round=4, version=3, seed=99,
+                                          task_id="r4.0.c1", config={"lr": 0.1, "epochs": 2})
     assert remote.next_task(500) == Task("done")
     assert remote.next_task(0.5) == Task("wait")
+    assert remote.next_task(1) == Task("evaluate", round=2, version=6, task_id="e2.c1")
+    # An older server's train task: no task id, no config (the registration's config holds).
+    assert remote.next_task(1) == Task("train", round=5, version=4, seed=1, task_id="",
+                                       config=None)
     waits = [r.url.params["wait"] for r in seen if r.url.path == "/api/task"]
-    assert waits == ["30", "60", "0.5"]  # capped at the protocol's 60 s
+    assert waits == ["30", "60", "0.5", "1", "1"]  # capped at the protocol's 60 s
 
 
 @pytest.mark.parametrize("body", [{"action": "explode"}, {"action": "train", "round": 1},
+                                  {"action": "evaluate", "round": 1},
+                                  {"action": "train", "version": "x"},
                                   ["not", "an", "object"]])
 def test_next_task_refuses_malformed_answers(body: object) -> None:
     remote = registered(lambda r: httpx.Response(200, json=body))
@@ -125,13 +165,19 @@ def test_submit_update_sends_safetensors_delta_and_query() -> None:
     seen: list[httpx.Request] = []
     remote = registered(lambda r: httpx.Response(200, json={"accepted": True, "round": 2}), seen)
     remote.submit_update(2, delta, 640, {"train_loss": 0.25, "train_accuracy": 0.875,
-                                         "seconds": 1.5, "other": 3.0})
+                                         "seconds": 1.5, "other": 3}, "r2.0.c1")
     req = seen[-1]
     assert req.method == "POST" and req.url.path == "/api/update"
     assert req.headers["authorization"] == "Bearer cred-1"
     assert req.headers["content-type"] == "application/octet-stream"
-    assert dict(req.url.params) == {"round": "2", "num_examples": "640", "train_loss": "0.25",
-                                    "train_accuracy": "0.875", "seconds": "1.5"}
+    params = dict(req.url.params)
+    # Every finite metric travels in one compact JSON object; no legacy per-metric params.
+    assert params == {"round": "2", "num_examples": "640", "task_id": "r2.0.c1",
+                      "metrics": params["metrics"]}
+    assert params["metrics"] == ('{"train_loss":0.25,"train_accuracy":0.875,"seconds":1.5,'
+                                 '"other":3.0}')
+    assert json.loads(params["metrics"]) == {"train_loss": 0.25, "train_accuracy": 0.875,
+                                             "seconds": 1.5, "other": 3.0}
     back = decode(req.content)
     assert set(back) == set(delta)
     for k in delta:
@@ -142,8 +188,32 @@ def test_submit_update_sends_safetensors_delta_and_query() -> None:
 def test_submit_update_leaves_out_non_finite_metrics() -> None:
     seen: list[httpx.Request] = []
     remote = registered(lambda r: httpx.Response(200, json={"accepted": True, "round": 1}), seen)
-    remote.submit_update(1, weights(), 3, {"train_loss": float("nan"), "seconds": 2.0})
-    assert dict(seen[-1].url.params) == {"round": "1", "num_examples": "3", "seconds": "2.0"}
+    remote.submit_update(1, weights(), 3, {"train_loss": float("nan"), "seconds": 2.0,
+                                           "x": float("inf"), "y": float("-inf")})
+    assert dict(seen[-1].url.params) == {"round": "1", "num_examples": "3",
+                                         "metrics": '{"seconds":2.0}'}
+    remote.submit_update(1, weights(), 3, {"train_loss": float("nan")})  # none left: {}
+    assert dict(seen[-1].url.params) == {"round": "1", "num_examples": "3", "metrics": "{}"}
+
+
+def test_submit_evaluation_sends_the_round_count_and_metrics() -> None:
+    seen: list[httpx.Request] = []
+    remote = registered(lambda r: httpx.Response(200, json={"accepted": True, "round": 2}), seen)
+    remote.submit_evaluation(2, {"loss": 0.5, "accuracy": 0.75, "auc": float("nan")}, 40)
+    req = seen[-1]
+    assert req.method == "POST" and req.url.path == "/api/evaluate"
+    assert req.headers["authorization"] == "Bearer cred-1"
+    assert dict(req.url.params) == {"round": "2", "num_examples": "40",
+                                    "metrics": '{"loss":0.5,"accuracy":0.75}'}
+    assert req.content == b""
+    remote.submit_evaluation(3, {}, 0)  # no local test data
+    assert dict(seen[-1].url.params) == {"round": "3", "num_examples": "0", "metrics": "{}"}
+
+
+def test_a_refused_evaluation_is_a_conflict() -> None:
+    remote = registered(lambda r: httpx.Response(409, json={"detail": "no evaluation open."}))
+    with pytest.raises(ConflictError, match="no evaluation open"):
+        remote.submit_evaluation(1, {"loss": 1.0}, 3)
 
 
 @pytest.mark.parametrize(

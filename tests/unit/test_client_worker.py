@@ -417,10 +417,6 @@ def test_dataset_mismatch_is_a_config_error() -> None:
     assert fake.calls == ["register"]  # refused before it loads or registers for real
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "src bug: builtin_data/partition_rows give a built-in task's client the WHOLE training "
-    "set for a partition without N:I (e.g. 'iid'); it used to be refused "
-    "(fedlearn.data.client_indices)."))
 def test_partition_without_a_part_is_refused() -> None:
     fake = FakeServer([train(1, 0)], dataset="digits", weights=digits_weights(), config=DIGITS)
     try:

@@ -115,10 +115,12 @@ def resolve_task(task: str | None, dataset: str, model: str) -> tuple[Any, dict[
     name it again in a ``config.toml`` (an absolute file path, so ``--resume`` finds it)."""
     from fedlearn.tasks import builtin_task, load_task
     from fedlearn.tasks.loading import split_ref
+    from fedlearn.training import initial_state
 
     if task is None:
         return builtin_task(dataset, model), {"dataset": dataset, "model": model}
     found = load_task(task)
+    initial_state(found, 0)  # a model factory or init that raises fails here, first
     where, name = split_ref(task)
     if where.endswith(".py") or "/" in where:
         where = str(Path(where).resolve())

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from fedlearn.cli import baseline_cmds, client_cmd, run_cmd, server_cmds, sim_cmd
+from fedlearn.cli import baseline_cmds, client_cmd, new_cmd, run_cmd, server_cmds, sim_cmd
 from fedlearn.cli.common import err_console
 from fedlearn.errors import FedlearnError
 
@@ -24,6 +24,7 @@ app.command()(sim_cmd.sim)
 app.command()(baseline_cmds.centralized)
 app.command()(baseline_cmds.local)
 app.command()(baseline_cmds.evaluate)
+app.command()(new_cmd.new)
 app.add_typer(baseline_cmds.datasets_app, name="datasets")
 
 
@@ -32,7 +33,8 @@ def main() -> None:
     try:
         app()
     except FedlearnError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print("error: " + str(exc), style="bold red", markup=False,
+                          highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -25,11 +25,11 @@ def partition_rows(labels: np.ndarray, spec: str, seed: int) -> np.ndarray:
     The whole N-way split is computed once per (labels, spec, seed) and kept, so N
     simulated clients do not each recompute it.
     """
-    from fedlearn.data import parse_partition, partition
+    from fedlearn.data import client_indices, parse_partition, partition
 
     parsed = parse_partition(spec)
-    if parsed.part is None:
-        return partition(labels, 1, parsed, seed)[0]
+    if parsed.part is None:  # range:L-R, or a spec that names no part (refused)
+        return client_indices(labels, parsed, seed)
     n, i = parsed.part
     whole = spec.rsplit(":", 2)[0]
     key = (id(labels), whole, n, seed)
