@@ -78,8 +78,12 @@ def _test_of(test: Data | None, local: ClientData) -> Shard | None:
 def run_centralized(
     task: Task, data: ClientData, test: Data | None, config: TrainConfig, run: RunDir, *,
     seed: int = 0, device: str = "cpu", on_epoch: EpochHook | None = None,
+    describe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one model on ``data.train``; evaluate each epoch on ``test`` (else ``data.test``)."""
+    """Train one model on ``data.train``; evaluate each epoch on ``test`` (else ``data.test``).
+
+    ``describe`` adds fields to the summary (e.g. the dataset and model names).
+    """
     started = time.perf_counter()
     learner = _Learner(task, config, seed, device)
     train = Shard.of(data.train)
@@ -96,7 +100,7 @@ def run_centralized(
             on_epoch(record)
     run.save_model(learner.weights)
     summary = {
-        "mode": "centralized", "task": task.name, "rounds": config.epochs,
+        "mode": "centralized", "task": task.name, **(describe or {}), "rounds": config.epochs,
         **final_metrics(history), "wall_seconds": time.perf_counter() - started,
         "train_examples": len(data.train),
     }
@@ -108,6 +112,7 @@ def run_centralized(
 def run_local(
     task: Task, clients: list[ClientData], test: Data | None, config: TrainConfig,
     run: RunDir, *, seed: int = 0, device: str = "cpu", on_epoch: EpochHook | None = None,
+    describe: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[ClientRow]]:
     """Each client trains alone on its own data; one row per client."""
     started = time.perf_counter()
@@ -136,7 +141,7 @@ def run_local(
     means = {f"final_{k}": sum(r.metrics.get(k, 0.0) for r in rows) / len(rows)
              for k in rows[0].metrics} if rows else {}
     summary = {
-        "mode": "local", "task": task.name, "clients": len(clients),
+        "mode": "local", "task": task.name, **(describe or {}), "clients": len(clients),
         "rounds": config.epochs, **means, "wall_seconds": time.perf_counter() - started,
         "per_client": [{"client": r.client, "examples": r.examples, **r.metrics}
                        for r in rows],

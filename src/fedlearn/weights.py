@@ -25,13 +25,13 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 def add(a: Weights, b: Weights) -> Weights:
     """Element-wise ``a + b``."""
     _same_keys(a, b)
-    return {k: a[k] + b[k] for k in a}
+    return {k: np.asarray(a[k] + b[k]) for k in a}
 
 
 def subtract(a: Weights, b: Weights) -> Weights:
     """Element-wise ``a - b``."""
     _same_keys(a, b)
-    return {k: a[k] - b[k] for k in a}
+    return {k: np.asarray(a[k] - b[k]) for k in a}
 
 
 def scale(a: Weights, factor: float) -> Weights:

@@ -140,3 +140,16 @@ def test_batchnorm_image_run_killed_and_resumed_ends_with_the_same_model(
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     for i in range(3):
         assert procs.wait(f"c{i}", 60) == 0, procs.log(f"c{i}")
+
+
+def test_async_run_with_federated_evaluation_only(tmp_path: Path) -> None:
+    flags = prepare("tabular_csv", tmp_path)
+    out = tmp_path / "run"
+    res = run_cli(["run", "--mode", "async", "--task", task("tabular_csv"), "--clients", "3",
+                   "--max-updates", "9", "--eval-every", "3", "--out", str(out), *flags],
+                  cli_env(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = metrics(out)
+    assert [r["update"] for r in rows] == [3, 6, 9]
+    assert all(r["fed_clients"] >= 1 and 0.5 < r["fed_auc"] <= 1.0 for r in rows)
+    assert "accuracy" not in rows[-1]

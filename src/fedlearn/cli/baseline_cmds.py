@@ -93,7 +93,7 @@ def centralized(
                           markup=False, highlight=False)
 
         summary = run_centralized(the_task, local, test, config, run, seed=seed, device=device,
-                                  on_epoch=on_epoch)
+                                  on_epoch=on_epoch, describe=ref)
     console.print(f"{final_text(summary)}; run directory {run.path}", markup=False,
                   highlight=False)
 
@@ -153,7 +153,7 @@ def local(
             bar.advance(f"client {r['client']} epoch {r['epoch']} {metrics_text(r, 1)}")
 
         summary, rows = run_local(the_task, parts, test, config, run, seed=seed, device=device,
-                                  on_epoch=on_epoch)
+                                  on_epoch=on_epoch, describe={**ref, "partition": partition})
     table = Table(title=f"Each client alone ({epochs} epochs on its own data)")
     names = list(rows[0].metrics) if rows else []
     for col in ("client", "examples", "train accuracy", *names):

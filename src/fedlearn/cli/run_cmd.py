@@ -227,7 +227,7 @@ def run(
     summary = json.loads(summary_path.read_text())
     if summary.get("mode") == "async":
         console.print(
-            f"final test accuracy {pct(summary['final_accuracy'])} after {summary['updates']} "
+            f"{final_text(summary)} after {summary['updates']} "
             f"updates ({summary['versions']} versions, mean staleness "
             f"{summary['mean_staleness']:.2f}) in {summary['training_seconds']:.1f}s; "
             f"run directory {run_dir}"

@@ -74,6 +74,9 @@ class AsyncLoop:
                 return True
             if task.action == "wait":
                 return False
+            if task.action == "evaluate":
+                w.evaluate(task, any_version=True)
+                return False
             if task.action != "train":
                 raise RemoteError(f"the server sent an unknown task action {task.action!r}; "
                                   "use the same fedlearn version on server and clients.")

@@ -351,9 +351,17 @@ class _Worker:
             return None
         return weights
 
-    def evaluate(self, task: Task) -> None:
-        """Evaluate the task's global weights on the local test data and send the metrics."""
-        weights = self.weights_for(task)
+    def evaluate(self, task: Task, *, any_version: bool = False) -> None:
+        """Evaluate the task's global weights on the local test data and send the metrics.
+
+        ``any_version`` (async runs): evaluate the model the server has now, which may
+        be newer than the one the task named.
+        """
+        if any_version:
+            self.cached = self.call(self.remote.get_model)
+            weights: Weights | None = self.cached[0]
+        else:
+            weights = self.weights_for(task)
         if weights is None or self.local is None:
             return
         with cpu_slot(self.config.cpu_slot):

@@ -41,7 +41,9 @@ from fedlearn.server.async_types import (
 )
 from fedlearn.server.clients import ClientRegistry, check_identity
 from fedlearn.server.coordinator import Evaluator, eval_record
+from fedlearn.server.fedeval import FedEval
 from fedlearn.server.store import Store
+from fedlearn.strategies import sample_clients
 from fedlearn.strategies.async_policies import AsyncState, make_policy
 from fedlearn.types import Weights
 from fedlearn.weights import Spec, check, spec_of
@@ -84,6 +86,7 @@ class AsyncCoordinator:
         self.spec: Spec = spec_of(initial)
         self._lock = threading.Lock()
         self._clients = ClientRegistry(store)
+        self.fed_eval = FedEval(clock, min(config.round_timeout, 120.0))
         self._tasks: dict[str, int] = {}  # train tasks handed to each client (seeds)
         self._staleness_sum = 0
         self._last_staleness = 0
@@ -131,7 +134,8 @@ class AsyncCoordinator:
         credential, digest = ClientRegistry.new_credential(client_id)
         self._clients.save(client_id, digest, num_examples)
         with self._lock:
-            self._clients.add(client_id, digest, num_examples, self.clock())
+            self._clients.add(client_id, digest, num_examples, self.clock(),
+                              num_test_examples=num_test_examples)
             self._maybe_start_locked()
         self.on_change()
         return credential
@@ -150,7 +154,13 @@ class AsyncCoordinator:
             client.online, client.last_seen = True, self.clock()
             self._maybe_start_locked()
             self._check_time_locked()
-            if self.phase in ("stopping", "done"):
+            owed = self.fed_eval.task_for(client_id)
+            if owed is not None and self.phase != "done":
+                # Evaluate the model current now (it may have moved on since the
+                # evaluation was asked for: asynchronous runs never stand still).
+                task = AsyncTask("evaluate", self.state.version, 0, f"e{owed[0]}.{client_id}",
+                                 round=owed[0])
+            elif self.phase in ("stopping", "done"):
                 task = DONE
             elif self.phase == "waiting":
                 task = WAIT
@@ -164,12 +174,6 @@ class AsyncCoordinator:
         if changed:
             self.on_change()
         return task
-
-    def submit_evaluation(
-        self, client_id: str, key: int, metrics: dict[str, float], num_examples: int
-    ) -> None:
-        """Async runs hand out no evaluation tasks, so any answer is refused."""
-        raise ConflictError("this asynchronous run asked for no evaluation; fetch a new task.")
 
     def model_bytes(self) -> tuple[bytes, int]:
         """The current global model as safetensors bytes and its version (never waits)."""
@@ -275,6 +279,7 @@ class AsyncCoordinator:
             return
         if evaluate:
             self._evaluated = here
+            self._start_evaluation_locked(state.updates)
         if save:
             self._saved, self._save_due = here, False
         seconds = self.seconds()
@@ -288,6 +293,17 @@ class AsyncCoordinator:
             self._staleness_sum / state.updates if state.updates else 0.0, meta,
         ))
 
+    def _start_evaluation_locked(self, key: int) -> None:
+        """Ask online clients with test data (an ``--eval-fraction`` of them) to evaluate."""
+        cfg = self.config
+        able = [c.client_id for c in self._clients
+                if c.online and (c.num_test_examples or 0) > 0]
+        if not able:
+            return
+        fraction = cfg.eval_fraction if cfg.eval_fraction is not None else cfg.fraction
+        chosen = sample_clients(able, fraction, seed=cfg.seed ^ 0x5EED, round_number=key)
+        self.fed_eval.start(key, self.state.version, chosen)
+
     def _stop_locked(self) -> None:
         if self.phase in ("stopping", "done"):
             return
@@ -298,11 +314,13 @@ class AsyncCoordinator:
         self._schedule_locked(final=True)
 
     def seconds_to_deadline(self) -> float | None:
-        """Seconds until ``max_seconds`` is up (None when not training or no such limit)."""
+        """Seconds until ``max_seconds`` is up or an evaluation's deadline (None if neither)."""
         with self._lock:
-            if self.phase != "training" or self.config.max_seconds is None:
-                return None
-            return max(0.0, self.config.max_seconds - self.seconds())
+            waits = [self.fed_eval.seconds_to_deadline()]
+            if self.phase == "training" and self.config.max_seconds is not None:
+                waits.append(max(0.0, self.config.max_seconds - self.seconds()))
+            found = [w for w in waits if w is not None]
+            return min(found) if found else None
 
     def step(self) -> bool:
         """Start, stop, evaluate or checkpoint whatever is due. True if it did something."""
@@ -315,7 +333,13 @@ class AsyncCoordinator:
             self.on_change()
         did = self._commit_due() or changed
         with self._lock:
-            finished = self.phase == "stopping" and not self._due and not self._committing
+            changed_records = self.fed_eval.merge_finished()
+        for record in changed_records:
+            self.store.update_round(record, key=record["update"])
+        did = self._emit_ready() or did
+        with self._lock:
+            finished = (self.phase == "stopping" and not self._due and not self._committing
+                        and not self.fed_eval.holding and not len(self.fed_eval))
             if finished:
                 self.phase = "done"
         if finished:
@@ -357,13 +381,30 @@ class AsyncCoordinator:
         with self._lock:
             self._due.pop(0)
             if record is not None:
+                self.fed_eval.hold(state.updates, record)
+        self._emit_ready()
+        self.on_change()
+
+    def _emit_ready(self) -> bool:
+        """Hand records whose federated evaluation is over to ``on_round``, in order."""
+        with self._lock:
+            ready = self.fed_eval.ready()
+            for record in ready:
                 # A final fedbuff flush re-evaluates the last update's number.
-                if self.history and self.history[-1].get("update") == state.updates:
+                if self.history and self.history[-1].get("update") == record["update"]:
                     self.history[-1] = record
                 else:
                     self.history.append(record)
-        if record is not None:
+        for record in ready:
             self.on_round(record)
+        return bool(ready)
+
+    def submit_evaluation(
+        self, client_id: str, key: int, metrics: dict[str, float], num_examples: int
+    ) -> None:
+        """One client's federated-evaluation answer for the evaluation filed under ``key``."""
+        with self._lock:
+            self.fed_eval.submit(client_id, key, metrics, num_examples)
         self.on_change()
 
     # -- status -----------------------------------------------------------------

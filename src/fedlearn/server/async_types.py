@@ -22,9 +22,13 @@ class AsyncTask:
     seed: int = 0
     task_id: str = ""
     config: dict[str, Any] | None = None
+    round: int = 0  # evaluate tasks: the evaluation's key (the update it was asked at)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON body sent to the client."""
+        if self.action == "evaluate":
+            return {"action": "evaluate", "round": self.round, "version": self.version,
+                    "task_id": self.task_id}
         if self.action != "train":
             return {"action": self.action}
         return {"action": "train", "version": self.version, "seed": self.seed,

@@ -106,8 +106,6 @@ class SyncCoordinator:
         self._lock = threading.Lock()
         self._clients = ClientRegistry(store)
         self.fed_eval = FedEval(clock, config.round_timeout)
-        self._partial: dict[int, dict[str, Any]] = {}  # committed, waiting for federated eval
-        self._fed_early: dict[int, dict[str, Any]] = {}  # federated results before the commit
         resumed = store.latest_checkpoint()
         if resumed is not None:
             version, weights = resumed
@@ -368,13 +366,11 @@ class SyncCoordinator:
         record = {"round": partial["round"], **eval_record(result),
                   **{k: v for k, v in partial.items() if k != "round"}}
         version = state.version
-        with self._lock:
-            record.update(self._fed_early.pop(version, {}))
         save = version % self.config.save_every == 0 or version >= self.config.rounds
         self.store.commit_round(record, state.weights if save else None, {})
         with self._lock:
             self._pending.pop(0)
-            self._partial[version] = record
+            self.fed_eval.hold(version, record)
         self._emit_ready()
         return True
 
@@ -392,34 +388,25 @@ class SyncCoordinator:
         self.fed_eval.start(version, version, chosen)
 
     def _finish_evaluations(self) -> bool:
-        updated = []
         with self._lock:
-            finished = self.fed_eval.finished()
-            for key, fed in finished:
-                if key in self._partial:
-                    self._partial[key] = {**self._partial[key], **fed}
-                    updated.append(self._partial[key])
-                else:  # the round is not committed yet: its commit merges these
-                    self._fed_early[key] = fed
-        for record in updated:
+            changed = self.fed_eval.merge_finished()
+        for record in changed:
             self.store.update_round(record)
-        if finished:
+        if changed:
             self._emit_ready()
-        return bool(finished)
+        return bool(changed)
 
     def _emit_ready(self) -> None:
         """Hand committed rounds whose federated evaluation is over to ``on_round``, in order."""
-        while True:
-            with self._lock:
-                ready = sorted(k for k in self._partial if not self.fed_eval.is_open(k))
-                if not ready or (self._partial and min(self._partial) != ready[0]):
-                    return
-                key = ready[0]
-                record = self._partial.pop(key)
-                self.history.append(record)
-                if key >= self.config.rounds and not self._partial:
-                    self.phase = "done"
+        with self._lock:
+            ready = self.fed_eval.ready()
+            self.history.extend(ready)
+            if (self.history and self.history[-1]["round"] >= self.config.rounds
+                    and not self.fed_eval.holding and not self._pending):
+                self.phase = "done"
+        for record in ready:
             self.on_round(record)
+        if ready:
             self.on_change()
 
     # -- status -----------------------------------------------------------------

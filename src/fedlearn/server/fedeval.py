@@ -35,6 +35,8 @@ class FedEval:
         self.clock = clock
         self.timeout = timeout
         self._open: dict[int, _Evaluation] = {}
+        self._held: dict[int, dict[str, Any]] = {}  # committed records waiting for results
+        self._early: dict[int, dict[str, Any]] = {}  # results that came before their record
 
     def start(self, key: int, version: int, clients: list[str]) -> None:
         """Ask ``clients`` to evaluate model ``version``; the result is filed under ``key``."""
@@ -82,6 +84,36 @@ class FedEval:
             record["fed_examples"] = sum(n for _, n in ev.results.values())
             out.append((ev.key, record))
         return out
+
+    def hold(self, key: int, record: dict[str, Any]) -> None:
+        """Keep a committed record until its evaluation (if any is open) is over."""
+        self._held[key] = {**record, **self._early.pop(key, {})}
+
+    def merge_finished(self) -> list[dict[str, Any]]:
+        """Close finished evaluations into their held records; the records that changed."""
+        changed = []
+        for key, fed in self.finished():
+            if key in self._held:
+                self._held[key] = {**self._held[key], **fed}
+                changed.append(self._held[key])
+            else:  # the record is not committed yet: hold() merges these
+                self._early[key] = fed
+        return changed
+
+    def ready(self) -> list[dict[str, Any]]:
+        """Held records whose evaluation is over, oldest first (none past an open one)."""
+        out = []
+        while self._held:
+            key = min(self._held)
+            if key in self._open:
+                break
+            out.append(self._held.pop(key))
+        return out
+
+    @property
+    def holding(self) -> bool:
+        """True while a committed record waits for its evaluation."""
+        return bool(self._held)
 
     def seconds_to_deadline(self) -> float | None:
         """Seconds until the earliest open evaluation's deadline (None when none is open)."""

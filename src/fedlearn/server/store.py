@@ -164,13 +164,13 @@ class Store:
         if weights is not None:
             self._prune_checkpoints(keep_from=version)
 
-    def update_round(self, record: dict[str, Any]) -> None:
-        """Replace the stored record of round ``record["round"]`` (federated metrics added)."""
+    def update_round(self, record: dict[str, Any], key: int | None = None) -> None:
+        """Replace the stored record filed under ``key`` (default ``record["round"]``)."""
         with self._lock:
             self._db.execute(
                 "UPDATE rounds SET record = ?, accuracy = ?, loss = ? WHERE round = ?",
                 (json.dumps(record), record.get("accuracy"), record.get("loss"),
-                 int(record["round"])),
+                 int(record["round"] if key is None else key)),
             )
 
     def rounds(self) -> list[dict[str, Any]]:
