@@ -23,7 +23,6 @@ from fedlearn.cli.common import (
     console,
     final_text,
     metrics_text,
-    pct,
     progress_bar,
     resolve_task,
 )
