@@ -73,15 +73,17 @@ def simulated(rounds: int) -> dict[str, float]:
 
     from fedlearn.config import TrainConfig
     from fedlearn.sim.engine import SimConfig, Simulation
+    from fedlearn.tasks import builtin_task
 
     torch.set_num_threads(os.cpu_count() or 1)
+    task = builtin_task("fashion-mnist", "mlp")
     out = {}
     for engine in ("vectorized", "sequential"):
         sim = Simulation(SimConfig(
             clients=6, per_round=6, partition="iid", rounds=rounds, engine=engine,
             dataset="fashion-mnist", model="mlp", seed=0,
             train=TrainConfig(epochs=1, batch_size=32, optimizer="adam", lr=1e-3),
-        ))
+        ), task)
         times = [float(sim.run_round(r)["seconds"]) for r in range(1, rounds + 1)]
         out[engine] = median(times[1:])
     return out
@@ -97,10 +99,12 @@ def main() -> None:
 
     from fedlearn.baselines import run_centralized, run_local
     from fedlearn.config import TrainConfig
-    from fedlearn.data import load_dataset
     from fedlearn.runs import RunDir
+    from fedlearn.tasks import builtin_task
+    from fedlearn.tasks.runtime import context, load_client_data, server_test_data
 
-    ds = load_dataset("fashion-mnist")
+    task = builtin_task("fashion-mnist", "mlp")
+    test = server_test_data(task)
     cfg = TrainConfig(epochs=args.local_epochs_alone, batch_size=32, optimizer="adam", lr=1e-3)
     work = Path(tempfile.mkdtemp(prefix="w1-"))
 
@@ -111,12 +115,13 @@ def main() -> None:
     print("simulator, 6 rounds per engine ...", flush=True)
     sim = simulated(6)
     print(f"local only, {args.local_epochs_alone} epochs per client ...", flush=True)
-    _, local_rows = run_local(ds, "mlp", cfg, RunDir.create(work / "local", {}), clients=6,
-                              partition_spec="iid", seed=0)
+    parts = [load_client_data(task, context(index=i, num_clients=6, client_id=f"client-{i}",
+                                            partition=f"iid:6:{i}", seed=0)) for i in range(6)]
+    _, local_rows = run_local(task, parts, test, cfg, RunDir.create(work / "local", {}), seed=0)
     print(f"centralized, {args.local_epochs_alone} epochs ...", flush=True)
     cent_rows: list[dict[str, float]] = []
-    run_centralized(ds, "mlp", cfg, RunDir.create(work / "cent", {}), seed=0,
-                    on_epoch=cent_rows.append)
+    run_centralized(task, load_client_data(task, context(seed=0)), test, cfg,
+                    RunDir.create(work / "cent", {}), seed=0, on_epoch=cent_rows.append)
 
     print("\nEach client alone (no federation):")
     print(table(["client", "train accuracy", "test accuracy"],

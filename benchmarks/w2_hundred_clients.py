@@ -53,6 +53,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def task() -> Any:
+    """The W2 task: the built-in ``mlp`` on Fashion-MNIST (``--dataset``/``--model``)."""
+    from fedlearn.tasks import builtin_task
+
+    return builtin_task("fashion-mnist", "mlp")
+
+
 def sim_config(engine: str, clients: int, per_round: int, rounds: int) -> Any:
     """The W2 run for one engine, as ``fedlearn sim`` flags would make it."""
     from fedlearn.config import TrainConfig
@@ -168,7 +175,7 @@ def interleaved(clients: int, per_round: int, rounds: int) -> dict[str, Any]:
 
     ds = load_dataset("fashion-mnist")
     runners: list[Any] = [PlainLoop(ds, clients, per_round)]
-    runners += [Simulation(sim_config(e, clients, per_round, rounds), data=ds,
+    runners += [Simulation(sim_config(e, clients, per_round, rounds), task(),
                            log=lambda line: print(line, file=sys.stderr)) for e in ENGINES]
     runners.append(Centralized(ds))
     names = ["floor", *ENGINES, "centralized"]
@@ -182,7 +189,7 @@ def interleaved(clients: int, per_round: int, rounds: int) -> dict[str, Any]:
     # whose matrix products round differently (not timed).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    again = Simulation(sim_config("sequential", clients, per_round, rounds), data=ds)
+    again = Simulation(sim_config("sequential", clients, per_round, rounds), task())
     for rnd in range(1, rounds + 1):
         again.run_round(rnd)
     torch.set_num_threads(threads)
@@ -207,7 +214,7 @@ def alone(kind: str, clients: int, per_round: int, rounds: int, out: Path) -> di
 
     config = sim_config(kind, clients, per_round, rounds)
     run = RunDir.create(out, config_record(config))
-    run_simulation(config, run, log=lambda line: print(line, file=sys.stderr))
+    run_simulation(config, task(), run, log=lambda line: print(line, file=sys.stderr))
     return {"rows": run.read_metrics()}
 
 

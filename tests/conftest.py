@@ -19,6 +19,7 @@ def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         "FEDLEARN_OFFLINE": "1",
         "FEDLEARN_DATA": str(tmp_path / "data-cache"),
         "FEDLEARN_SYSTEM_DATA": str(empty),
+        "FEDLEARN_HOME": str(tmp_path / "fedlearn-home"),
         "PYTHONUNBUFFERED": "1",
         "COLUMNS": "200",
     })

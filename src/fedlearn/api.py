@@ -158,13 +158,14 @@ def run_client(
     import socket
 
     from fedlearn.client.remote import RemoteServer
-    from fedlearn.client.worker import WorkerConfig, run_worker
+    from fedlearn.client.worker import WorkerConfig, default_credential_file, run_worker
     from fedlearn.training import resolve_device
 
     the_task = _task(task)
+    cid = client_id or f"{socket.gethostname()}-{os.getpid()}"
     worker = WorkerConfig(
-        server=server, token=token,
-        client_id=client_id or f"{socket.gethostname()}-{os.getpid()}",
+        server=server, token=token, client_id=cid,
+        credential_file=default_credential_file(server, cid),
         task=the_task, partition=partition, data=None if data is None else str(data),
         label=label, test_fraction=test_fraction, overrides=dict(overrides or {}),
         device=resolve_device(device), ca_file=ca_file,

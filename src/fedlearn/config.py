@@ -159,6 +159,8 @@ class ServerConfig:
     seed: int = 0
     save_every: int = 1
     max_update_mb: float | None = None
+    max_update_norm: float | None = None
+    max_clients: int = 10_000
     mode: str = "sync"
     async_policy: str = "fedasync"
     async_alpha: float = 0.6
@@ -189,6 +191,12 @@ class ServerConfig:
             raise ConfigError(f"--server-lr must be positive, got {self.server_lr}.")
         if self.max_update_mb is not None and not self.max_update_mb > 0:
             raise ConfigError(f"max_update_mb must be positive, got {self.max_update_mb}.")
+        if self.max_update_norm is not None and not (
+                self.max_update_norm >= 0 and math.isfinite(self.max_update_norm)):
+            raise ConfigError(f"--max-update-norm must be 0 (off) or a positive number, got "
+                              f"{self.max_update_norm}.")
+        if self.max_clients < 1:
+            raise ConfigError(f"--max-clients must be at least 1, got {self.max_clients}.")
         if self.eval_fraction is not None and not 0 < self.eval_fraction <= 1:
             raise ConfigError(f"--eval-fraction must be in (0, 1], got {self.eval_fraction}.")
         TrainConfig.from_dict(self.client, where="[client]")
@@ -229,6 +237,13 @@ class ServerConfig:
         values = dict(task_defaults or {})
         values.update(self.client)
         return TrainConfig.from_dict(values, where="[client]")
+
+    def update_norm_limit(self, model_norm: float) -> float | None:
+        """The largest delta norm taken: ``max_update_norm`` (0: no limit), else derived:
+        100 times the initial model's norm (at least 100)."""
+        if self.max_update_norm is not None:
+            return None if self.max_update_norm == 0 else self.max_update_norm
+        return 100.0 * max(1.0, model_norm)
 
     def max_update_bytes(self, model_bytes: int) -> int:
         """The largest update body accepted: ``max_update_mb``, else derived from the model.

@@ -230,3 +230,56 @@ def spec_difference(expected: Spec, got: Spec) -> str | None:
 def nbytes(w: Weights) -> int:
     """Bytes of the arrays' data (about the size of their safetensors encoding)."""
     return int(sum(v.nbytes for v in w.values()))
+
+
+#: The largest magnitude a global model value may have; beyond it (or non-finite)
+#: an aggregate is refused and the round fails, keeping the previous model.
+MAX_MAGNITUDE = 1e12
+
+
+def unusable(w: Weights) -> str | None:
+    """Why ``w`` cannot be a global model (non-finite or absurdly large), or None."""
+    for k, v in w.items():
+        if v.dtype.kind != "f" or v.size == 0:
+            continue
+        if not np.isfinite(v).all():
+            return f"{k} holds NaN or infinite values"
+        peak = float(np.max(np.abs(v)))
+        if peak > MAX_MAGNITUDE:
+            return f"{k} reaches {peak:.3g}, beyond the limit of {MAX_MAGNITUDE:g}"
+    return None
+
+
+def float_norm(w: Weights) -> float:
+    """Global L2 norm over the float arrays only (counters are not weights)."""
+    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64)))
+                             for v in w.values() if v.dtype.kind == "f")))
+
+
+#: Models with at least this many float values get the "full weights, not a delta" check.
+FULL_WEIGHTS_MIN_VALUES = 1000
+
+
+def check_delta(delta: Weights, current: Weights, limit: float | None) -> None:
+    """Refuse a delta whose norm is over ``limit`` or that is the full weights, not a delta.
+
+    A client that sends its trained weights instead of (trained - global) sends
+    something within half the global model's norm of the global model itself;
+    no honest delta looks like that.
+    """
+    size = float_norm(delta)
+    if not np.isfinite(size):
+        raise PayloadError("the update's norm overflows; send a finite delta of sane size.")
+    if limit is not None and size > limit:
+        raise PayloadError(f"the update's norm {size:.4g} is over the server's "
+                           f"--max-update-norm {limit:.4g}; send trained weights minus the "
+                           "global weights, with a sane learning rate.")
+    base = float_norm(current)
+    values = sum(v.size for v in current.values() if v.dtype.kind == "f")
+    # Only for real models: in a handful of numbers a delta may well look like the weights.
+    if values >= FULL_WEIGHTS_MIN_VALUES and base > 0 and size > 0.5 * base:
+        gap = float_norm({k: v.astype(np.float64) - current[k] for k, v in delta.items()
+                          if v.dtype.kind == "f"})
+        if gap < 0.5 * base:
+            raise PayloadError("the update looks like full model weights, not a delta; send "
+                               "trained weights minus the global weights the task named.")

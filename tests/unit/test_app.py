@@ -421,8 +421,8 @@ def test_a_whole_two_round_run(tmp_path: Path, stores: list[Store]) -> None:
                 {"round": 1, "accuracy": 4.25, "loss": 2.25},
                 {"round": 2, "accuracy": 7.5, "loss": 5.5},
             ]
-            for cid in "ab":
-                cred = await register(client, cid)  # a late (re-)registration hears done too
+            for cid in ("late-a", "late-b"):
+                cred = await register(client, cid)  # a late registration hears done too
                 response = await client.get("/api/task", params={"wait": 5},
                                             headers=bearer(cred))
                 assert response.json() == {"action": "done"}
@@ -431,7 +431,7 @@ def test_a_whole_two_round_run(tmp_path: Path, stores: list[Store]) -> None:
             assert decode(data)["w"].tolist() == [7.5, 5.5]
             await until(lambda: bool(finished))
             assert app.state.done_event.is_set()
-            assert app.state.acknowledged == {"a", "b"}
+            assert app.state.acknowledged == {"a", "b", "late-a", "late-b"}
 
     run(scenario)
     assert coord.done

@@ -82,14 +82,21 @@ def test_register_task_model_and_update_in_async_mode(
                 "action": "train", "version": 0, "seed": derive_seed("async-task", 3, "a", 1),
                 "task_id": "u1.a", "config": TrainConfig().as_dict()}
             response = await post_update(client, cred_a, encode(vec(2, 2)), version=0,
-                                         num_examples=10)
+                                         num_examples=10, task_id="u1.a")
             assert response.status_code == 200, response.text
             assert response.json() == {"accepted": True, "version": 0, "update": 1,
                                        "staleness": 0, "server_version": 1}
+            # A replay (a retry after a timeout) gets the same answer and merges nothing.
+            again = await post_update(client, cred_a, encode(vec(2, 2)), version=0,
+                                      num_examples=10, task_id="u1.a")
+            assert again.json() == response.json() and coord.state.updates == 1
             data, version = await model(client, cred_b)
             assert version == "1" and decode(data)["w"].tolist() == [3.0, 1.0]
+            tb = await task(client, cred_b)
+            assert await task(client, cred_b) == {**tb, "version": 1}  # one open task each
             response = await post_update(client, cred_b, encode(vec(4, 4)), version=0,
-                                         num_examples=30, train_loss=0.5)
+                                         num_examples=30, train_loss=0.5,
+                                         task_id=tb["task_id"])
             assert response.json()["staleness"] == 1
             assert coord.weights["w"].tolist() == [6.0, 4.0]
             await until(lambda: len(coord.history) == 2)
@@ -114,34 +121,43 @@ def test_refused_async_updates_change_nothing(
             cred = await register(client, "a")
             await register(client, "b")
             for _ in range(3):
+                tid = (await task(client, cred))["task_id"]
                 response = await post_update(client, cred, good, version=coord.state.version,
-                                             num_examples=1)
+                                             num_examples=1, task_id=tid)
                 assert response.status_code == 200, response.text
             before = await model(client, cred)
             assert before[1] == "3"
+            tid = (await task(client, cred))["task_id"]
             refusals = [
                 (422, "version", {"num_examples": 1}),
                 (422, "version", {"round": 1, "num_examples": 1}),  # a sync-mode update
                 (422, "version", {"version": -1, "num_examples": 1}),
                 (422, "num_examples", {"version": 3}),
+                (422, "num_examples", {"version": 3, "num_examples": 2**63}),
+                (422, "num_examples", {"version": 3, "num_examples": 10**400}),
                 (409, "claims version 4", {"version": 4, "num_examples": 1}),
                 (409, "stale", {"version": 1, "num_examples": 1}),
+                (409, "not this client's open task", {"version": 3, "num_examples": 1,
+                                                      "task_id": "u1.b"}),
             ]
             for code, words, params in refusals:
+                params = {"task_id": tid, **params}
                 detail = one_sentence(await post_update(client, cred, good, **params), code)
                 assert words in detail, detail
                 assert await model(client, cred) == before
+            one_sentence(await post_update(client, cred, good, version=3, num_examples=1), 422)
             headers = {**bearer(cred), "X-Fedlearn-Run": "another-run"}
-            response = await client.post("/api/update", params={"version": 3, "num_examples": 1},
-                                         content=good, headers=headers)
+            response = await client.post("/api/update", params={
+                "version": 3, "num_examples": 1, "task_id": tid}, content=good, headers=headers)
             assert "another-run" in one_sentence(response, 409)
             bad = encode({"w": np.array([np.nan, 1], np.float32)})
-            one_sentence(await post_update(client, cred, bad, version=3, num_examples=1), 400)
+            one_sentence(await post_update(client, cred, bad, version=3, num_examples=1,
+                                           task_id=tid), 400)
             assert await model(client, cred) == before
             assert (coord.state.version, coord.state.updates) == (3, 3)
             headers = {**bearer(cred), "X-Fedlearn-Run": RUN_ID}
-            response = await client.post("/api/update", params={"version": 2, "num_examples": 1},
-                                         content=good, headers=headers)
+            response = await client.post("/api/update", params={
+                "version": 2, "num_examples": 1, "task_id": tid}, content=good, headers=headers)
             assert response.status_code == 200, response.text
 
     run(scenario)
@@ -167,7 +183,8 @@ def test_a_whole_async_run_with_concurrent_clients(
             data, version = await model(client, cred)
             decode(data, coord.spec)
             response = await post_update(client, cred, encode(vec(deltas[cid], 1)),
-                                         version=int(version), num_examples=2)
+                                         version=int(version), num_examples=2,
+                                         task_id=t["task_id"])
             if response.status_code == 200:
                 pushed += 1
             else:

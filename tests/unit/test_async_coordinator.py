@@ -84,11 +84,13 @@ def test_waits_for_min_clients_then_hands_out_train_at_once(
                               TrainConfig().as_dict())
     assert first.to_json() == {"action": "train", "version": 0, "seed": first.seed,
                                "task_id": "u1.a", "config": TrainConfig().as_dict()}
-    second = h.coord.poll("a")  # the next local training gets another seed
-    assert second.seed == derive_seed("async-task", 7, "a", 2) != first.seed
+    assert h.coord.poll("a") == first  # one open task per client: asking again gets it again
     assert h.coord.poll("b").seed == derive_seed("async-task", 7, "b", 1)
     assert h.coord.status()["state"] == "training"
     h.push("a", 1.0)
+    second = h.coord.poll("a")  # the next local training gets another seed
+    assert second.seed == derive_seed("async-task", 7, "a", 2) != first.seed
+    assert second.task_id == "u2.a"
     assert h.coord.poll("b").version == 1  # the current version, at once
     assert WAIT.to_json() == {"action": "wait"} and DONE.to_json() == {"action": "done"}
 

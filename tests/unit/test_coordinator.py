@@ -426,7 +426,14 @@ def test_unknown_credential_is_refused(tmp_path: Path, stores: list[Store]) -> N
         h.coord.authenticate("not-a-credential")
     with pytest.raises(AuthError):
         h.coord.authenticate("")
-    new = h.coord.register("a")  # re-registering replaces the old credential
+    # The join token alone cannot take over a registered id ...
+    with pytest.raises(ConflictError, match="already registered"):
+        h.coord.register("a")
+    with pytest.raises(ConflictError, match="already registered"):
+        h.coord.register("a", credential="guessed")
+    assert h.coord.authenticate(creds["a"]) == "a"
+    # ... its own credential can: re-registering replaces the old credential.
+    new = h.coord.register("a", credential=creds["a"])
     assert h.coord.authenticate(new) == "a"
     with pytest.raises(AuthError):
         h.coord.authenticate(creds["a"])

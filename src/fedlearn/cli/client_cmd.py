@@ -88,6 +88,11 @@ def client(
         float | None, typer.Option("--weight-decay", help="Override the server's decay.")
     ] = None,
     device: DeviceOpt = "cpu",
+    credential_file: Annotated[
+        Path | None, typer.Option("--credential-file", help="Where this client keeps its "
+                                  "credential (mode 600), so a restart keeps its identity. "
+                                  "[default: ~/.fedlearn/credentials/...]")
+    ] = None,
     token: Annotated[
         str | None, typer.Option("--token", help="The join token the server printed.")
     ] = None,
@@ -124,7 +129,7 @@ def client(
 ) -> None:
     """Join a server's run: train on local data each round and send the updates."""
     from fedlearn.client.remote import RemoteServer
-    from fedlearn.client.worker import WorkerConfig, run_worker
+    from fedlearn.client.worker import WorkerConfig, default_credential_file, run_worker
     from fedlearn.config import TrainConfig
     from fedlearn.data import parse_partition
     from fedlearn.tasks import load_task
@@ -147,6 +152,8 @@ def client(
         server=server, client_id=client_id if client_id is not None else default_client_id(),
         task=the_task, dataset=dataset, partition=partition, data=data, label=label,
         test_fraction=test_fraction, overrides=overrides, device=device_name(device),
+        credential_file=str(credential_file) if credential_file is not None else
+        default_credential_file(server, client_id or default_client_id()),
         token=join_token,
         partition_seed=partition_seed, poll_wait=poll_wait, max_retries=max_retries,
         max_wait=max_wait, slowdown=slowdown,

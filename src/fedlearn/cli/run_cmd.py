@@ -201,6 +201,7 @@ def run(
                 *local_data, *(["--label", label] if label is not None else []),
                 "--test-fraction", repr(test_fraction), "--device", device,
                 "--partition", parts[i], "--partition-seed", str(seed),
+                "--credential-file", str(run_dir / "clients" / f"client-{i}.json"),
                 "--slowdown", str(slow.get(i, 1.0)),
                 *(["--cpu-slot", str(logs / f".cpu-slot-{i % slots}")] if slots else []),
             ])

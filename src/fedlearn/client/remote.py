@@ -298,12 +298,16 @@ class RemoteServer:
     def register(
         self, client_id: str, num_examples: int | None, *,
         num_test_examples: int | None = None, task: Mapping[str, Any] | None = None,
+        credential: str | None = None,
     ) -> Registration:
         """``POST /api/register`` with the join token; keeps and returns the credential.
 
         ``task`` is ``{"name", "spec"}``: the server refuses a different task.
+        ``credential`` is this id's current credential, needed to register an id again.
         """
         payload: dict[str, Any] = {"client_id": client_id}
+        if credential is not None:
+            payload["credential"] = credential
         if num_examples is not None:
             payload["num_examples"] = int(num_examples)
         if num_test_examples is not None:

@@ -39,8 +39,9 @@ class Remote(Protocol):
     def register(
         self, client_id: str, num_examples: int | None, *,
         num_test_examples: int | None = None, task: Mapping[str, Any] | None = None,
+        credential: str | None = None,
     ) -> Registration:
-        """Register and keep the returned credential for later calls."""
+        """Register (``credential``: this id's current one) and keep the new credential."""
         ...
 
     def next_task(self, wait: float) -> Task:
@@ -110,6 +111,7 @@ class WorkerConfig:
     test_fraction: float = 0.0
     overrides: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    credential_file: str | None = None
     partition_seed: int = 0
     poll_wait: float = 30.0
     max_retries: int = 30
@@ -196,6 +198,53 @@ def run_worker(
             worker.local.close()
 
 
+def read_credential(path: str | None, client_id: str) -> str | None:
+    """The credential this client id holds from an earlier registration, if any."""
+    import json
+    from pathlib import Path
+
+    if path is None:
+        return None
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("client_id") != client_id:
+        return None
+    value = saved.get("credential")
+    return value if isinstance(value, str) else None
+
+
+def write_credential(path: str | None, reg: Registration) -> None:
+    """Keep the credential (mode 0600) so a restarted client takes its identity back."""
+    import json
+    import os
+    from pathlib import Path
+
+    if path is None:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = target.with_name(target.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump({"client_id": reg.client_id, "run_id": reg.run_id,
+                   "credential": reg.credential}, fh)
+    os.replace(tmp, target)
+
+
+def default_credential_file(server: str, client_id: str) -> str:
+    """``$FEDLEARN_HOME/credentials/<server>-<client>.json`` (default home ``~/.fedlearn``)."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    home = Path(os.environ.get("FEDLEARN_HOME") or Path.home() / ".fedlearn")
+    key = hashlib.blake2b(f"{server}\x1f{client_id}".encode(), digest_size=8).hexdigest()
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in client_id)[:64]
+    return str(home / "credentials" / f"{safe}-{key}.json")
+
+
 def data_context(config: WorkerConfig) -> Any:
     """The :class:`~fedlearn.tasks.base.DataContext` of this client process."""
     from fedlearn.data import parse_partition
@@ -260,9 +309,12 @@ class _Worker:
         """Register (with retries), refusing a server whose task is not ours."""
         from fedlearn.weights import spec_to_json
 
+        saved = read_credential(self.config.credential_file, self.config.client_id)
         if self.task is None:
             # The built-in model the server names, on our --dataset.
-            first = self.call(lambda: self.remote.register(self.config.client_id, None))
+            first = self.call(lambda: self.remote.register(self.config.client_id, None,
+                                                           credential=saved))
+            saved = first.credential
             from fedlearn.tasks.builtin import builtin_task
 
             if first.dataset.lower() != self.config.dataset.lower():
@@ -279,7 +331,8 @@ class _Worker:
             "name": self.task.name, "spec": spec_to_json(local.trainer.spec)}
         reg = self.call(lambda: self.remote.register(
             self.config.client_id, local.num_examples,
-            num_test_examples=local.num_test_examples, task=identity))
+            num_test_examples=local.num_test_examples, task=identity, credential=saved))
+        write_credential(self.config.credential_file, reg)
         self.server_config = dict(reg.config)
         self.cached = None
         self.mode = reg.mode

@@ -35,6 +35,8 @@ from fedlearn.weights import decode, spec_from_json
 log = logging.getLogger("fedlearn.server")
 
 MAX_POLL_SECONDS = 60.0
+#: The most examples one client may claim (at registration, per update or evaluation).
+MAX_EXAMPLES = 10**12
 
 
 class Hub:
@@ -167,11 +169,12 @@ def create_app(
     def client_auth(authorization: Annotated[str | None, Header()] = None) -> str:
         return coordinator.authenticate(_bearer(authorization))
 
-    def any_auth(authorization: Annotated[str | None, Header()] = None) -> None:
+    def any_auth(authorization: Annotated[str | None, Header()] = None) -> str | None:
+        """None for the join token (the operator's full view), else the client's id."""
         secret = _bearer(authorization)
         if hmac.compare_digest(hash_secret(secret), token_digest):
-            return
-        coordinator.authenticate(secret)
+            return None
+        return coordinator.authenticate(secret)
 
     @app.post("/api/register", dependencies=[Depends(join_auth)])
     async def register(request: Request) -> dict[str, Any]:
@@ -181,7 +184,7 @@ def create_app(
             import json
 
             payload = json.loads(body or b"{}")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise PayloadError("register body must be JSON like {\"client_id\": \"a\"}.") from exc
         if not isinstance(payload, dict) or not isinstance(payload.get("client_id"), str):
             raise PayloadError("register body must be JSON with a string client_id.")
@@ -195,9 +198,13 @@ def create_app(
             task_name = task_info.get("name")
             if task_info.get("spec") is not None:
                 identity = spec_from_json(task_info["spec"])
+        old = payload.get("credential")
+        if old is not None and not isinstance(old, str):
+            raise PayloadError("credential must be a string.")
         credential = await run_in_threadpool(
             lambda: coordinator.register(payload["client_id"], n, num_test_examples=n_test,
-                                         identity=identity, task_name=task_name))
+                                         identity=identity, task_name=task_name,
+                                         credential=old))
         cfg = coordinator.config
         run_length: dict[str, Any] = (
             {"rounds": 0, "max_updates": cfg.max_updates, "max_seconds": cfg.max_seconds,
@@ -251,7 +258,7 @@ def create_app(
     async def update(
         request: Request,
         client_id: Annotated[str, Depends(client_auth)],
-        num_examples: Annotated[int, Query(ge=1)],
+        num_examples: Annotated[int, Query(ge=1, le=MAX_EXAMPLES)],
         round: Annotated[int | None, Query(ge=1, description="sync: the round trained for")]
         = None,
         version: Annotated[int | None, Query(
@@ -273,6 +280,12 @@ def create_app(
                 f"this update is for run {x_fedlearn_run!r} but this server runs {run_id!r}; "
                 "register with this server again."
             )
+        if isinstance(coordinator, AsyncCoordinator):
+            if task_id is None:
+                raise RequestValidationError([{"loc": ("query", "task_id"),
+                                               "msg": "Field required"}])
+        else:
+            coordinator.precheck(client_id, number, task_id)
         body = await _read_body(request, limit)
         delta = await run_in_threadpool(decode, body, coordinator.spec, max_bytes=limit)
         values = _metrics(metrics)
@@ -288,17 +301,16 @@ def create_app(
             )
             return {"accepted": True, "version": number, "update": merged.update,
                     "staleness": merged.staleness, "server_version": merged.version}
-        await run_in_threadpool(
+        return await run_in_threadpool(
             coordinator.submit, client_id, number, delta, num_examples, values, task_id
         )
-        return {"accepted": True, "round": number}
 
     @app.post("/api/evaluate")
     async def evaluate(
         client_id: Annotated[str, Depends(client_auth)],
         round: Annotated[int, Query(ge=0, le=2**62, description="the evaluation's key (the "
                                     "task's round)")],
-        num_examples: Annotated[int, Query(ge=0, le=2**62)],
+        num_examples: Annotated[int, Query(ge=0, le=MAX_EXAMPLES)],
         metrics: Annotated[str, Query(max_length=4096,
                                       description="JSON object of name -> number")] = "{}",
     ) -> dict[str, Any]:
@@ -308,10 +320,11 @@ def create_app(
             coordinator.submit_evaluation, client_id, round, values, num_examples)
         return {"accepted": True, "round": round}
 
-    @app.get("/api/status", dependencies=[Depends(any_auth)])
-    async def status() -> dict[str, Any]:
-        """Run id, state, round or version, clients and accuracy history."""
-        return {"run_id": run_id, **coordinator.status()}
+    @app.get("/api/status")
+    async def status(viewer: Annotated[str | None, Depends(any_auth)]) -> dict[str, Any]:
+        """Run id, state, round or version, clients and metrics history (a client sees
+        counts and its own record; the join token sees every client id)."""
+        return {"run_id": run_id, **coordinator.status(viewer)}
 
     return app
 
@@ -319,8 +332,8 @@ def create_app(
 def _count(value: Any, name: str) -> int | None:
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**62:
-        raise PayloadError(f"{name} must be an integer from 0 to 2**62.")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_EXAMPLES:
+        raise PayloadError(f"{name} must be an integer from 0 to {MAX_EXAMPLES}.")
     return value
 
 
@@ -332,7 +345,7 @@ def _metrics(text: str | None) -> dict[str, float]:
         import json
 
         data = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise PayloadError("metrics must be a JSON object of name -> number.") from exc
     if not isinstance(data, dict) or len(data) > 64:
         raise PayloadError("metrics must be a JSON object of at most 64 name -> number.")

@@ -23,9 +23,12 @@ checkpointed is.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from fedlearn.config import ServerConfig, TrainConfig
@@ -40,13 +43,15 @@ from fedlearn.server.async_types import (
     Snapshot,
 )
 from fedlearn.server.clients import ClientRegistry, check_identity
-from fedlearn.server.coordinator import Evaluator, eval_record
+from fedlearn.server.coordinator import REPLAY_MEMORY, Evaluator, eval_record
 from fedlearn.server.fedeval import FedEval
 from fedlearn.server.store import Store
 from fedlearn.strategies import sample_clients
 from fedlearn.strategies.async_policies import AsyncState, make_policy
 from fedlearn.types import Weights
-from fedlearn.weights import Spec, check, spec_of
+from fedlearn.weights import Spec, check, check_delta, float_norm, spec_of, unusable
+
+log = logging.getLogger("fedlearn.server")
 
 __all__ = ["DONE", "WAIT", "AsyncCoordinator", "AsyncTask", "Merged", "Snapshot"]
 
@@ -87,6 +92,9 @@ class AsyncCoordinator:
         self._lock = threading.Lock()
         self._clients = ClientRegistry(store)
         self.fed_eval = FedEval(clock, min(config.round_timeout, 120.0))
+        self.norm_limit = config.update_norm_limit(float_norm(initial))
+        self._open: dict[str, AsyncTask] = {}  # each client's one open train task
+        self._answers: OrderedDict[str, Merged] = OrderedDict()
         self._tasks: dict[str, int] = {}  # train tasks handed to each client (seeds)
         self._staleness_sum = 0
         self._last_staleness = 0
@@ -127,10 +135,13 @@ class AsyncCoordinator:
     def register(
         self, client_id: str, num_examples: int | None = None, *,
         num_test_examples: int | None = None, identity: Spec | None = None,
-        task_name: str | None = None,
+        task_name: str | None = None, credential: str | None = None,
     ) -> str:
-        """Register (or re-register) a client; returns its new credential."""
+        """Register (or re-register, with its current ``credential``) a client; returns its
+        new credential."""
         check_identity(self.spec, self.task_name, identity, task_name)
+        with self._lock:
+            self._clients.check_claim(client_id, credential, self.config.max_clients)
         credential, digest = ClientRegistry.new_credential(client_id)
         self._clients.save(client_id, digest, num_examples)
         with self._lock:
@@ -164,12 +175,16 @@ class AsyncCoordinator:
                 task = DONE
             elif self.phase == "waiting":
                 task = WAIT
+            elif client_id in self._open:
+                # At most one open task per client: asking again gets the same one.
+                task = replace(self._open[client_id], version=self.state.version)
             else:
                 count = self._tasks.get(client_id, 0) + 1
                 self._tasks[client_id] = count
                 seed = derive_seed("async-task", self.config.seed, client_id, count)
                 task = AsyncTask("train", self.state.version, seed,
                                  f"u{count}.{client_id}", self.train_config.as_dict())
+                self._open[client_id] = task
             changed = changed or self.phase != before
         if changed:
             self.on_change()
@@ -190,13 +205,27 @@ class AsyncCoordinator:
         metrics: dict[str, float] | None = None,
         task_id: str | None = None,
     ) -> Merged:
-        """Merge one delta trained from ``version``; ConflictError if it cannot be taken."""
+        """Merge one delta trained from ``version``; ConflictError if it cannot be taken.
+
+        With ``task_id`` the update must answer the client's open task; a replay of an
+        accepted one gets the original answer and changes nothing (exactly once).
+        """
+        with self._lock:
+            if task_id is not None and task_id in self._answers:
+                return self._answers[task_id]
         check(delta, self.spec)
         if num_examples < 1:
             raise PayloadError(f"num_examples must be at least 1, got {num_examples}.")
         if version < 0:
             raise PayloadError(f"version must be 0 or more, got {version}.")
+        check_delta(delta, self.state.weights, self.norm_limit)
         with self._lock:
+            if task_id is not None and task_id in self._answers:
+                return self._answers[task_id]
+            open_task = self._open.get(client_id)
+            if task_id is not None and (open_task is None or open_task.task_id != task_id):
+                raise ConflictError(f"task {task_id} is not this client's open task; fetch a "
+                                    "new task.")
             self._clients[client_id].online = True
             self._maybe_start_locked()
             self._check_time_locked()
@@ -220,11 +249,22 @@ class AsyncCoordinator:
                     f"--max-staleness {limit}; fetch the model again."
                 )
             new = self.policy.merge(state, delta, num_examples, staleness)
+            problem = unusable(new.weights)
+            if problem is not None:
+                log.warning("an update from %s was refused: merging it makes the model "
+                            "unusable (%s)", client_id, problem)
+                raise ConflictError(f"merging this update would make the global model unusable "
+                                    f"({problem}); it was refused and the model kept.")
+            self._open.pop(client_id, None)  # the update answers the client's open task
             self._staleness_sum += staleness
             self._last_staleness = staleness
             self._set_state_locked(new)
             merged = Merged(new.updates, client_id, version, staleness, num_examples,
                             new.version)
+            if task_id is not None:
+                self._answers[task_id] = merged
+                while len(self._answers) > REPLAY_MEMORY:
+                    self._answers.popitem(last=False)
             self.on_merge(merged)
             self._schedule_locked()
             if self._limit_reached_locked():
@@ -408,8 +448,8 @@ class AsyncCoordinator:
         self.on_change()
 
     # -- status -----------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        """A JSON-able snapshot for ``GET /api/status``."""
+    def status(self, viewer: str | None = None) -> dict[str, Any]:
+        """A JSON-able snapshot for ``GET /api/status`` (no client ids are listed)."""
         with self._lock:
             state = self.state
             return {

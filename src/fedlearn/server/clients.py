@@ -78,6 +78,19 @@ class ClientRegistry:
         self._add(ClientRecord(client_id, digest, num_examples, online=True, last_seen=now,
                                num_test_examples=num_test_examples))
 
+    def check_claim(self, client_id: str, credential: str | None, max_clients: int) -> None:
+        """Refuse taking over a registered id without its credential, or a client too many."""
+        old = self._clients.get(client_id)
+        if old is None:
+            if len(self._clients) >= max_clients:
+                raise ConflictError(f"this run already has its {max_clients} clients "
+                                    "(--max-clients); no more can join.")
+            return
+        if credential is None or hash_secret(credential) != old.credential_hash:
+            raise ConflictError(
+                f"client id {client_id!r} is already registered; restart that client with "
+                "its credential file, or use another --client-id.")
+
     def authenticate(self, credential: str) -> str:
         """The client id a credential belongs to; AuthError if none."""
         cid = self._by_credential.get(hash_secret(credential))

@@ -9,8 +9,10 @@ evaluation and checkpointing run outside them.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +25,20 @@ from fedlearn.server.fedeval import FedEval
 from fedlearn.server.store import Store
 from fedlearn.strategies import StrategyState, make_strategy, sample_clients
 from fedlearn.types import EvalResult, Weights
-from fedlearn.weights import RunningSum, Spec, check, encode, spec_of
+from fedlearn.weights import (
+    RunningSum,
+    Spec,
+    check,
+    check_delta,
+    encode,
+    float_norm,
+    spec_of,
+    unusable,
+)
+
+log = logging.getLogger("fedlearn.server")
+#: Answers to updates kept for replays (a client retrying after a timeout gets the same one).
+REPLAY_MEMORY = 10_000
 
 #: Evaluates a state on the server's test data (None: the server has none).
 Evaluator = Callable[[Weights], EvalResult]
@@ -106,6 +121,9 @@ class SyncCoordinator:
         self._lock = threading.Lock()
         self._clients = ClientRegistry(store)
         self.fed_eval = FedEval(clock, config.round_timeout)
+        self.norm_limit = config.update_norm_limit(float_norm(initial))
+        self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.failures: list[dict[str, Any]] = list(store.get_meta("failures", []))
         resumed = store.latest_checkpoint()
         if resumed is not None:
             version, weights = resumed
@@ -130,14 +148,17 @@ class SyncCoordinator:
     def register(
         self, client_id: str, num_examples: int | None = None, *,
         num_test_examples: int | None = None, identity: Spec | None = None,
-        task_name: str | None = None,
+        task_name: str | None = None, credential: str | None = None,
     ) -> str:
         """Register (or re-register) a client; returns its new credential.
 
         ``identity`` (names, shapes, dtypes of the client's task state) must match
-        the server's, else ConflictError names the first difference.
+        the server's, else ConflictError names the first difference. A client id
+        already registered is taken back only with its current ``credential``.
         """
         check_identity(self.spec, self.task_name, identity, task_name)
+        with self._lock:
+            self._clients.check_claim(client_id, credential, self.config.max_clients)
         credential, digest = ClientRegistry.new_credential(client_id)
         self._clients.save(client_id, digest, num_examples)
         with self._lock:
@@ -204,12 +225,19 @@ class SyncCoordinator:
         num_examples: int,
         metrics: dict[str, float] | None = None,
         task_id: str | None = None,
-    ) -> None:
-        """Fold one client's delta into the round; ConflictError if it does not belong."""
+    ) -> dict[str, Any]:
+        """Fold one client's delta into the round; its answer. ConflictError if it does not
+        belong; a replay of an accepted task gets the original answer and changes nothing."""
+        with self._lock:
+            if task_id is not None and task_id in self._answers:
+                return self._answers[task_id]
         check(delta, self.spec)
         if num_examples < 1:
             raise PayloadError(f"num_examples must be at least 1, got {num_examples}.")
+        check_delta(delta, self.state.weights, self.norm_limit)
         with self._lock:
+            if task_id is not None and task_id in self._answers:
+                return self._answers[task_id]
             rnd = self._round
             if self.phase == "done":
                 raise ConflictError("the run is over; no more updates are taken.")
@@ -237,8 +265,27 @@ class SyncCoordinator:
             if metrics and "train_loss" in metrics:
                 rnd.train_loss += float(metrics["train_loss"]) * num_examples
             complete = len(rnd.received) == len(rnd.sampled)
+            answer = {"accepted": True, "round": round_number}
+            self._answers[f"r{rnd.number}.{rnd.attempt}.{client_id}"] = answer
+            while len(self._answers) > REPLAY_MEMORY:
+                self._answers.popitem(last=False)
         if complete:
             self.on_change()
+        return answer
+
+    def precheck(self, client_id: str, round_number: int, task_id: str | None) -> None:
+        """Refuse an update that cannot be taken before its body is read (409)."""
+        with self._lock:
+            if task_id is not None and task_id in self._answers:
+                return
+            rnd = self._round
+            if self.phase == "done":
+                raise ConflictError("the run is over; no more updates are taken.")
+            if rnd is None or self._closing or rnd.number != round_number:
+                raise ConflictError(f"round {round_number} is not open; fetch a new task.")
+            if client_id not in rnd.sampled:
+                raise ConflictError(f"client {client_id} was not sampled for round "
+                                    f"{round_number}; wait for a task.")
 
     def submit_evaluation(
         self, client_id: str, key: int, metrics: dict[str, float], num_examples: int
@@ -321,6 +368,10 @@ class SyncCoordinator:
             with self._lock:
                 self._closing = False
             raise
+        problem = unusable(new_state.weights)
+        if problem is not None:
+            self._fail_round(rnd, f"the aggregate is unusable ({problem})")
+            return
         examples = sum(rnd.received.values())
         record: dict[str, Any] = {
             "round": rnd.number,
@@ -345,6 +396,19 @@ class SyncCoordinator:
                 self._start_round_locked(new_state.version + 1, attempt=0)
         self.on_change()
         self._commit_pending()
+
+    def _fail_round(self, rnd: _Round, reason: str) -> None:
+        """Keep the previous model, record why, and run the round again with a new sample."""
+        failure = {"round": rnd.number, "attempt": rnd.attempt + 1, "reason": reason}
+        log.warning("round %d (attempt %d) failed: %s; the previous model stays and the "
+                    "round runs again", rnd.number, rnd.attempt + 1, reason)
+        with self._lock:
+            self.failures.append(failure)
+            self._round = None
+            self._closing = False
+            self._start_round_locked(rnd.number, attempt=rnd.attempt + 1)
+        self.store.set_meta("failures", self.failures[-100:])
+        self.on_change()
 
     def _commit_pending(self) -> bool:
         """Evaluate and commit closed rounds, oldest first; True if any was committed."""
@@ -410,11 +474,23 @@ class SyncCoordinator:
             self.on_change()
 
     # -- status -----------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        """A JSON-able snapshot for ``GET /api/status``."""
+    def status(self, viewer: str | None = None) -> dict[str, Any]:
+        """A JSON-able snapshot for ``GET /api/status``.
+
+        ``viewer`` None is the operator's full view (join token); a client id sees
+        counts and its own record only, never other clients' ids.
+        """
         with self._lock:
             rnd = self._round
-            return {
+            if viewer is not None:
+                sampled: Any = len(rnd.sampled) if rnd is not None else 0
+                mine = {"client_id": viewer,
+                        "sampled": rnd is not None and viewer in rnd.sampled,
+                        "sent": rnd is not None and viewer in rnd.received}
+            else:
+                sampled = sorted(rnd.sampled) if rnd is not None else []
+                mine = None
+            out = {
                 "mode": "sync",
                 "state": self.phase,
                 "round": rnd.number if rnd is not None else self.state.version,
@@ -422,14 +498,18 @@ class SyncCoordinator:
                 "rounds": self.config.rounds,
                 "registered": len(self._clients),
                 "active": sum(1 for c in self._clients if c.online and not c.dropped),
-                "sampled": sorted(rnd.sampled) if rnd is not None else [],
+                "sampled": sampled,
                 "received": len(rnd.received) if rnd is not None else 0,
+                "failures": self.failures[-10:],
                 "history": [
                     {k: v for k, v in h.items()
                      if k in ("round", "accuracy", "loss") or k.startswith("fed_")}
                     for h in self.history
                 ],
             }
+            if mine is not None:
+                out["you"] = mine
+            return out
 
     @property
     def weights(self) -> Weights:
