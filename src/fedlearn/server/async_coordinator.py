@@ -210,9 +210,10 @@ class AsyncCoordinator:
         With ``task_id`` the update must answer the client's open task; a replay of an
         accepted one gets the original answer and changes nothing (exactly once).
         """
+        key = f"{client_id}/{task_id}"
         with self._lock:
-            if task_id is not None and task_id in self._answers:
-                return self._answers[task_id]
+            if task_id is not None and key in self._answers:
+                return self._answers[key]
         check(delta, self.spec)
         if num_examples < 1:
             raise PayloadError(f"num_examples must be at least 1, got {num_examples}.")
@@ -220,8 +221,8 @@ class AsyncCoordinator:
             raise PayloadError(f"version must be 0 or more, got {version}.")
         check_delta(delta, self.state.weights, self.norm_limit)
         with self._lock:
-            if task_id is not None and task_id in self._answers:
-                return self._answers[task_id]
+            if task_id is not None and key in self._answers:
+                return self._answers[key]
             open_task = self._open.get(client_id)
             if task_id is not None and (open_task is None or open_task.task_id != task_id):
                 raise ConflictError(f"task {task_id} is not this client's open task; fetch a "
@@ -262,7 +263,7 @@ class AsyncCoordinator:
             merged = Merged(new.updates, client_id, version, staleness, num_examples,
                             new.version)
             if task_id is not None:
-                self._answers[task_id] = merged
+                self._answers[key] = merged
                 while len(self._answers) > REPLAY_MEMORY:
                     self._answers.popitem(last=False)
             self.on_merge(merged)

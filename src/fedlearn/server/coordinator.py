@@ -228,16 +228,17 @@ class SyncCoordinator:
     ) -> dict[str, Any]:
         """Fold one client's delta into the round; its answer. ConflictError if it does not
         belong; a replay of an accepted task gets the original answer and changes nothing."""
+        key = f"{client_id}/{task_id}"
         with self._lock:
-            if task_id is not None and task_id in self._answers:
-                return self._answers[task_id]
+            if task_id is not None and key in self._answers:
+                return self._answers[key]
         check(delta, self.spec)
         if num_examples < 1:
             raise PayloadError(f"num_examples must be at least 1, got {num_examples}.")
         check_delta(delta, self.state.weights, self.norm_limit)
         with self._lock:
-            if task_id is not None and task_id in self._answers:
-                return self._answers[task_id]
+            if task_id is not None and key in self._answers:
+                return self._answers[key]
             rnd = self._round
             if self.phase == "done":
                 raise ConflictError("the run is over; no more updates are taken.")
@@ -266,7 +267,7 @@ class SyncCoordinator:
                 rnd.train_loss += float(metrics["train_loss"]) * num_examples
             complete = len(rnd.received) == len(rnd.sampled)
             answer = {"accepted": True, "round": round_number}
-            self._answers[f"r{rnd.number}.{rnd.attempt}.{client_id}"] = answer
+            self._answers[f"{client_id}/r{rnd.number}.{rnd.attempt}.{client_id}"] = answer
             while len(self._answers) > REPLAY_MEMORY:
                 self._answers.popitem(last=False)
         if complete:
@@ -276,7 +277,7 @@ class SyncCoordinator:
     def precheck(self, client_id: str, round_number: int, task_id: str | None) -> None:
         """Refuse an update that cannot be taken before its body is read (409)."""
         with self._lock:
-            if task_id is not None and task_id in self._answers:
+            if task_id is not None and f"{client_id}/{task_id}" in self._answers:
                 return
             rnd = self._round
             if self.phase == "done":

@@ -1,0 +1,133 @@
+"""What a hostile or careless client tries against the coordinators and the app, refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedlearn.errors import ConflictError, PayloadError
+from fedlearn.server.store import Store
+from fedlearn.weights import check_delta, encode
+from tests.unit.test_app import TOKEN, bearer, build, one_sentence, post_update, register, run
+from tests.unit.test_app import serving as serve_app
+from tests.unit.test_async_coordinator import Harness as AsyncHarness
+from tests.unit.test_coordinator import Harness, global_w, vec
+
+
+def test_an_overflowing_aggregate_fails_the_round_and_the_run_goes_on(
+    tmp_path: Path, stores: list[Store],
+) -> None:
+    h = Harness(tmp_path, stores, max_update_norm=0)  # the norm check off: reach aggregation
+    h.register("a", "b")
+    assert h.coord.step()
+    before = global_w(h.coord)
+    for cid in h.sampled():
+        h.coord.poll(cid)
+        h.coord.submit(cid, 1, vec(3e38, 3e38), 1)
+    assert h.coord.step()
+    assert global_w(h.coord) == before  # the previous model stays
+    status = h.coord.status()
+    assert status["version"] == 0 and status["round"] == 1
+    assert status["failures"][-1]["round"] == 1
+    assert "unusable" in status["failures"][-1]["reason"]
+    assert h.store.get_meta("failures")[-1]["reason"] == status["failures"][-1]["reason"]
+    # Honest clients go on: the round runs again and finishes with their updates.
+    h.finish_round(0.5)
+    h.coord.step()
+    assert h.coord.status()["version"] == 1
+    assert global_w(h.coord) == [1.5, -0.5]
+
+
+def test_an_absurd_delta_is_refused_with_the_default_norm_limit(
+    tmp_path: Path, stores: list[Store],
+) -> None:
+    h = Harness(tmp_path, stores)
+    h.register("a", "b")
+    h.coord.step()
+    h.coord.poll("a")
+    with pytest.raises(PayloadError, match="--max-update-norm"):
+        h.coord.submit("a", 1, vec(1e6, 1e6), 1)
+    assert h.coord.status()["received"] == 0
+
+
+def test_full_weights_sent_as_a_delta_are_refused() -> None:
+    rng = np.random.default_rng(0)
+    model = {"w": rng.normal(0, 0.1, (40, 40)).astype(np.float32),
+             "n": np.array(3, np.int64)}
+    honest = {"w": rng.normal(0, 0.01, (40, 40)).astype(np.float32), "n": np.array(1)}
+    check_delta(honest, model, None)
+    trained = {"w": model["w"] + honest["w"], "n": np.array(4)}
+    with pytest.raises(PayloadError, match="full model weights"):
+        check_delta(trained, model, None)
+
+
+def test_a_replayed_sync_update_gets_the_same_answer_and_is_not_counted_twice(
+    tmp_path: Path, stores: list[Store],
+) -> None:
+    h = Harness(tmp_path, stores, min_clients=2, rounds=2)
+    h.register("a", "b")
+    h.coord.step()
+    task = h.coord.poll("a")
+    first = h.coord.submit("a", 1, vec(1.0, 1.0), 1, task_id=task.task_id)
+    again = h.coord.submit("a", 1, vec(9.0, 9.0), 1, task_id=task.task_id)
+    assert again == first
+    assert h.coord.status()["received"] == 1
+    with pytest.raises(ConflictError, match="not this client's open task"):
+        h.coord.submit("b", 1, vec(1.0, 1.0), 1, task_id="r1.0.a")
+
+
+def test_one_async_client_cannot_flood_the_run(tmp_path: Path, stores: list[Store]) -> None:
+    h = AsyncHarness(tmp_path, stores, max_updates=5)
+    h.start("a", "b")
+    task = h.coord.poll("a")
+    h.coord.submit("a", 0, vec(1.0, 1.0), 1, task_id=task.task_id)
+    for _ in range(30):  # the same task again and again: answered, never merged
+        h.coord.submit("a", 0, vec(1.0, 1.0), 1, task_id=task.task_id)
+    with pytest.raises(ConflictError, match="not this client's open task"):
+        h.coord.submit("a", 1, vec(1.0, 1.0), 1, task_id="u7.a")
+    assert h.coord.state.updates == 1 and not h.coord.done
+
+
+def test_a_registered_id_cannot_be_taken_over(tmp_path: Path, stores: list[Store]) -> None:
+    h = Harness(tmp_path, stores)
+    cred = h.coord.register("victim", 10)
+    with pytest.raises(ConflictError, match="already registered"):
+        h.coord.register("victim", 10)
+    assert h.coord.authenticate(cred) == "victim"
+
+
+def test_max_clients_caps_registration(tmp_path: Path, stores: list[Store]) -> None:
+    h = Harness(tmp_path, stores, max_clients=2)
+    h.register("a", "b")
+    with pytest.raises(ConflictError, match="--max-clients"):
+        h.coord.register("c", 1)
+
+
+def test_hostile_numbers_and_json_are_4xx_never_5xx(tmp_path: Path, stores: list[Store]) -> None:
+    app, coord = build(tmp_path, stores, min_clients=1, rounds=1)
+
+    async def scenario() -> None:
+        async with serve_app(app) as client:
+            nested = b"[" * 100_000 + b"]" * 100_000
+            response = await client.post("/api/register", content=nested,
+                                         headers={**bearer(TOKEN),
+                                                  "Content-Type": "application/json"})
+            assert response.status_code in (400, 413), response.text
+            for n in (2**63, 10**400, -1):
+                response = await client.post(
+                    "/api/register", json={"client_id": "x", "num_examples": n},
+                    headers=bearer(TOKEN))
+                one_sentence(response, 400)
+            cred = await register(client, "a")
+            good = encode(vec(0.1, 0.1))
+            for n in (2**63, 10**400, 0):
+                one_sentence(await post_update(client, cred, good, round=1, num_examples=n),
+                             422)
+            response = await client.get("/api/status", headers=bearer(cred))
+            body = response.json()
+            assert body["you"]["client_id"] == "a" and isinstance(body["sampled"], int)
+            assert coord.status()["version"] == 0
+
+    run(scenario)
