@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,10 +119,37 @@ def from_mapping(cls: type[T], values: dict[str, Any], *, where: str = "config")
             f"unknown key(s) {', '.join(unknown)} in {where}; known keys are "
             f"{', '.join(sorted(names))}."
         )
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        problem = _type_problem(value, hints.get(key))
+        if problem is not None:
+            raise ConfigError(f"{key} in {where} must be {problem}, got {value!r}.")
     try:
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"bad value in {where}: {exc}.") from exc
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What ``value`` should be for the annotation ``hint`` (None when it fits)."""
+    if hint is None:
+        return None
+    options = typing.get_args(hint) if typing.get_origin(hint) in (
+        typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        base = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return None
+        if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return None
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if base in (str, dict, list, bool) and isinstance(value, base):
+            return None
+    names = {float: "a number", int: "a whole number", str: "text", dict: "a table",
+             bool: "true or false", list: "a list"}
+    wanted = [names.get(typing.get_origin(o) or o, "") for o in options if o is not type(None)]
+    return " or ".join(w for w in wanted if w) or "another type"
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -175,6 +204,8 @@ class ServerConfig:
             raise ConfigError(f"--rounds must be at least 1, got {self.rounds}.")
         if self.min_clients < 1:
             raise ConfigError(f"--min-clients must be at least 1, got {self.min_clients}.")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be 0 or more, got {self.seed}.")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}.")
         if self.min_results < 1:

@@ -53,12 +53,15 @@ class RunDir:
             raise RunStateError(
                 f"{path} already holds a run; choose another --out, or --resume it."
             )
+        if path.exists() and not path.is_dir():
+            raise RunStateError(f"{path} is a file, not a folder; choose another --out.")
         try:
             path.mkdir(parents=True, exist_ok=True)
+            run = cls(path)
+            run.write_config(config)
         except OSError as exc:
-            raise RunStateError(f"cannot create run directory {path}: {exc.strerror}.") from exc
-        run = cls(path)
-        run.write_config(config)
+            raise RunStateError(f"cannot write the run directory {path} ({exc.strerror}); "
+                                "choose another --out or fix its permissions.") from exc
         return run
 
     @classmethod

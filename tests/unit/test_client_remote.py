@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -267,11 +268,73 @@ def test_empty_token_and_missing_ca_file_are_config_errors(tmp_path: Path) -> No
         RemoteServer("https://fl.test", "tok", ca_file=tmp_path / "missing.pem")
 
 
-def test_ca_file_is_loaded(tmp_path: Path) -> None:
+def handshake(client: ssl.SSLContext, server: ssl.SSLContext, hostname: str) -> None:
+    """A TLS handshake between the two contexts in memory; raises what the client raises."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out, server_hostname=hostname)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(20):
+        done = 0
+        for side in (c, s):
+            try:
+                side.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if done == 2:
+            return
+    raise AssertionError("the TLS handshake did not finish")
+
+
+def test_ca_file_is_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trustme = pytest.importorskip("trustme")
+    ca, other = trustme.CA(), trustme.CA()
     pem = tmp_path / "ca.pem"
-    trustme.CA().cert_pem.write_to_path(str(pem))
+    ca.cert_pem.write_to_path(str(pem))
+    made: list[dict[str, object]] = []
+    real_client = httpx.Client
+
+    def client(*args: object, **kwargs: object) -> httpx.Client:
+        made.append(kwargs)
+        return real_client(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(httpx, "Client", client)
     RemoteServer("https://fl.test", "tok", ca_file=pem).close()
+    RemoteServer("https://fl.test", "tok").close()
+    assert len(made) == 2
+    ctx = made[0]["verify"]
+    assert made[1]["verify"] is True  # without --ca-file: the system's trust store
+    # The client verifies the server against the given CA (and the host name)...
+    assert isinstance(ctx, ssl.SSLContext)
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    ca_der = ssl.PEM_cert_to_DER_cert(ca.cert_pem.bytes().decode())
+    assert ca_der in ctx.get_ca_certs(binary_form=True)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("fl.test").configure_cert(server)
+    handshake(ctx, server, "fl.test")
+    # ...and refuses a certificate from another CA, or for another host.
+    stranger = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    other.issue_cert("fl.test").configure_cert(stranger)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(ctx, stranger, "fl.test")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(ctx, server, "elsewhere.test")
+
+
+@pytest.mark.parametrize("content", [None, "", "not a certificate\n"])
+def test_unusable_ca_file_is_a_one_sentence_config_error(
+    tmp_path: Path, content: str | None
+) -> None:
+    pem = tmp_path / "ca.pem"
+    if content is not None:
+        pem.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        RemoteServer("https://fl.test", "tok", ca_file=pem)
+    message = str(info.value)
+    assert message.startswith(f"cannot use CA file {pem} (") and "\n" not in message
+    assert message.endswith("pass the PEM certificate the server uses with --ca-file.")
 
 
 # --- backoff -----------------------------------------------------------------------------

@@ -15,6 +15,12 @@ CHECKS = [
     ("fedlearn.training", {"fastapi", "httpx", "uvicorn", "fedlearn.cli"}),
     ("fedlearn.models", {"fastapi", "httpx", "fedlearn.cli"}),
     ("fedlearn.privacy", {"torch", "fastapi", "httpx", "fedlearn.cli"}),
+    ("fedlearn.strategies", {"torch", "fastapi", "httpx", "fedlearn.cli"}),
+    # The coordinators are the server's logic, apart from its HTTP app and the models.
+    ("fedlearn.server.coordinator",
+     {"fastapi", "starlette", "uvicorn", "httpx", "torch", "fedlearn.cli"}),
+    ("fedlearn.server.async_coordinator",
+     {"fastapi", "starlette", "uvicorn", "httpx", "torch", "fedlearn.cli"}),
 ]
 
 

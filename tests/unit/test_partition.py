@@ -165,9 +165,9 @@ def test_range_chunks() -> None:
     assert [len(p) for p in split] == [2500] * 4
     assert_disjoint(split)
     np.testing.assert_array_equal(np.sort(np.concatenate(split)), np.arange(10000, 20000))
-    np.testing.assert_array_equal(
-        np.sort(client_indices(labels, "range:12-12", seed=0)), np.arange(55000, 60000)
-    )
+    last = client_indices(labels, "range:12-12", seed=0)
+    np.testing.assert_array_equal(last, partition(labels, 1, "range:12-12", seed=0)[0])
+    np.testing.assert_array_equal(np.sort(last), np.arange(55000, 60000))
 
 
 def test_range_past_the_end() -> None:

@@ -40,8 +40,19 @@ def test_local_update_trains_only_on_its_indices() -> None:
     model = build_model("mlp", (1, 4, 4), 2, seed=0)
     w = get_weights(model)
     cfg = TrainConfig(epochs=1, batch_size=8)
-    res = local_update(model, w, Shard.from_numpy(x, y, np.arange(0, 40)), cfg, seed=0)
+    rows = np.sort(np.random.default_rng(1).choice(len(y), 40, replace=False))
+    # Rows outside the shard are poison: touching any of them makes the delta non-finite.
+    poisoned = x.copy()
+    poisoned[np.setdiff1d(np.arange(len(y)), rows)] = np.nan
+    res = local_update(model, w, Shard.from_numpy(poisoned, y, rows), cfg, seed=0)
     assert res.num_examples == 40
+    assert all(np.isfinite(v).all() for v in res.delta.values())
+    assert any(np.abs(v).max() > 0 for v in res.delta.values())  # it did train
+    # Exactly as if the client held only those rows, in that order.
+    alone = local_update(model, w, Shard.from_numpy(x[rows], y[rows]), cfg, seed=0)
+    assert set(res.delta) == set(alone.delta)
+    for k in alone.delta:
+        np.testing.assert_array_equal(res.delta[k], alone.delta[k], err_msg=k)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

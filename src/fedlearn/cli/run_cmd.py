@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,13 +147,20 @@ def run(
                                    **{k: v for k, v in given.items() if v is not None}})
     ServerConfig(rounds=rounds, client=train.as_dict(), eval_fraction=eval_fraction,
                  **{k: v for k, v in run_flags.items() if v is not None})
+    if min_results is not None and min_results > clients:
+        raise ConfigError(f"--min-results {min_results} is more than the {clients} clients; "
+                          "no round could ever close. Lower it or add clients.")
     parts = [client_partition(partition, clients, i) for i in range(clients)]
     slow = _parse_slowdown(slowdown or [], clients)
     run_dir = Path(out or default_run_dir("run"))
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"{run_dir} is not empty; choose another --out.")
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ConfigError(f"{run_dir} is not an empty folder; choose another --out.")
+    created = not run_dir.exists()
     logs = run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    try:
+        logs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {logs} ({exc.strerror}); choose another --out.") from exc
     # Clients on one host take turns on its cores (one thread each), as separate
     # machines would each have their own; --slowdown runs keep every client free.
     slots = concurrency if concurrency is not None else (0 if slow else os.cpu_count() or 1)
@@ -178,7 +186,8 @@ def run(
     files: list[IO[bytes]] = []
 
     def spawn(name: str, cmd: list[str]) -> None:
-        fh = (logs / f"{name}.log").open("wb")
+        fh = os.fdopen(os.open(logs / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                               0o600), "wb")
         files.append(fh)
         procs[name] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
                                        start_new_session=True)
@@ -215,6 +224,15 @@ def run(
         console.print("interrupted: stopping the server and clients")
         _stop_all(procs)
         raise
+    except ProcessFailed as exc:
+        _stop_all(procs, grace=2.0)
+        for fh in files:
+            fh.close()
+        detail = _first_error(logs)
+        if created and not (run_dir / "metrics.jsonl").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise ProcessFailed(f"{exc.message.rstrip('.')}{detail}; nothing was kept.") from None
+        raise
     finally:
         _stop_all(procs, grace=10.0)
         for fh in files:
@@ -223,7 +241,12 @@ def run(
     summary_path = run_dir / "summary.json"
     if failed or not summary_path.exists():
         what = ", ".join(f"{n} (exit {c})" for n, c in sorted(failed.items())) or "the server"
-        raise ProcessFailed(f"{what} failed; see the logs in {logs}.")
+        detail = _first_error(logs)
+        if created and not (run_dir / "metrics.jsonl").exists():
+            # Nothing was trained: leave no half-made run behind to block this --out.
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise ProcessFailed(f"{what} failed before round 1{detail}; nothing was kept.")
+        raise ProcessFailed(f"{what} failed{detail}; see the logs in {logs}.")
     summary = json.loads(summary_path.read_text())
     if summary.get("mode") == "async":
         console.print(
@@ -238,6 +261,16 @@ def run(
         f"rounds; median {summary.get('median_round_seconds') or 0:.2f}s per round; "
         f"run directory {run_dir}", markup=False, highlight=False
     )
+
+
+def _first_error(logs: Path) -> str:
+    """``: <the first 'error:' line of the processes' logs>`` or nothing."""
+    for path in sorted(logs.glob("*.log")):
+        with contextlib.suppress(OSError):
+            for line in path.read_text(errors="replace").splitlines():
+                if line.startswith("error:"):
+                    return f" ({path.stem}: {line[len('error:'):].strip()})"
+    return ""
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -215,6 +215,14 @@ def server(
     lr: ClientLrOpt = None,
     momentum: ClientMomentumOpt = None,
     weight_decay: ClientWdOpt = None,
+    max_update_norm: Annotated[float | None, typer.Option(
+        "--max-update-norm", help="Refuse deltas with a larger L2 norm (0: no limit). "
+        "[default: 100 x the initial model's norm]")] = None,
+    max_clients: Annotated[int | None, typer.Option(
+        "--max-clients", help="Most clients that may register. [default: 10000]")] = None,
+    no_docs: Annotated[bool, typer.Option(
+        "--no-docs", help="Do not serve /docs and /redoc (they load third-party assets); "
+        "/openapi.json stays.")] = False,
     device: DeviceOpt = "cpu",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.")] = None,
     config: ConfigOpt = None,
@@ -224,15 +232,26 @@ def server(
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """Serve a federated run: clients register, train locally, and send deltas."""
+    import os
+    import sys
+
     from fedlearn.server.runner import ServeOptions, prepare_run, serve
 
     if resume is not None and out is not None:
         raise ConfigError("pass --resume RUNDIR or --out RUNDIR, not both.")
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {port}; 0 picks a free "
+                          "port.")
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together; pass both or neither.")
     for path in (tls_cert, tls_key):
-        if path is not None and not path.is_file():
-            raise ConfigError(f"TLS file {path} does not exist; check --tls-cert/--tls-key.")
+        if path is not None:
+            try:
+                path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read TLS file {path} ({exc.strerror}); check "
+                                  "--tls-cert/--tls-key.") from exc
+    os.umask(0o077)  # the run's database, checkpoints and token are the operator's only
     cfg = resolve_config(config, resume, {
         "dataset": dataset, "model": model, "rounds": rounds, "min_clients": min_clients,
         "fraction": fraction, "min_results": min_results, "round_timeout": round_timeout,
@@ -241,6 +260,7 @@ def server(
         "staleness_fn": staleness_fn, "max_staleness": max_staleness,
         "max_updates": max_updates, "max_seconds": max_seconds, "eval_every": eval_every,
         "eval_fraction": eval_fraction, "task": task_ref(task),
+        "max_update_norm": max_update_norm, "max_clients": max_clients,
     }, client_flags(local_epochs, batch_size, optimizer, lr, momentum, weight_decay))
     device = device_name(device)
     if cfg is not None:
@@ -265,7 +285,7 @@ def server(
     summary = serve(
         run, cfg,
         ServeOptions(host=host, port=port, token_file=token_file, tls_cert=tls_cert,
-                     tls_key=tls_key),
+                     tls_key=tls_key, docs=not no_docs, show_token=sys.stdout.isatty()),
         task=the_task, resumed=resumed,
         announce=lambda s: console.print(s, highlight=False, markup=False),
         on_round=on_round, device=device,

@@ -21,7 +21,7 @@ from fedlearn.client.local import LocalClient
 from fedlearn.client.remote import (
     MAX_POLL_WAIT,
     Registration,
-    ServerUnavailable,
+    RetriesExhausted,
     Task,
     with_retries,
 )
@@ -31,6 +31,9 @@ from fedlearn.tasks.base import Task as TaskDef
 from fedlearn.types import ClientResult, Weights
 
 T = TypeVar("T")
+
+#: Retries before the first answer: sleeps of 0.5, 1, 2, 4, 5, 5, 5 s at most (~30 s in all).
+FIRST_CONTACT_RETRIES = 7
 
 
 class Remote(Protocol):
@@ -282,22 +285,39 @@ class _Worker:
         self.server_config: dict[str, Any] = {}
         self.cached: tuple[Weights, int] | None = None
         self.reregistered = False
+        self.reached = False  # has the server ever answered?
         self.mode = "sync"
         self.trained = 0
         self.refused = 0
         self.last_round = 0
 
     def call(self, fn: Callable[[], T]) -> T:
-        """``fn()`` retried while the server is unreachable."""
-        result = with_retries(
-            fn, max_retries=self.config.max_retries, max_wait=self.config.max_wait,
-            rng=self.rng, sleep=self.sleep, on_retry=self._on_retry,
-        )
+        """``fn()`` retried while the server is unreachable.
+
+        Until the server has answered once, the client gives up after about 30 s
+        (a wrong URL should not take minutes to report); after that it rides out
+        restarts with the full ``max_retries``/``max_wait`` budget.
+        """
+        first = not self.reached
+        retries = min(FIRST_CONTACT_RETRIES, self.config.max_retries) if first else (
+            self.config.max_retries)
+        try:
+            result = with_retries(
+                fn, max_retries=retries, max_wait=min(self.config.max_wait, 5.0) if first
+                else self.config.max_wait, rng=self.rng, sleep=self.sleep,
+                on_retry=lambda n, sec, exc: self.log(f"retry {n}/{retries} in {sec:.1f}s: "
+                                                      f"{exc}"),
+            )
+        except RetriesExhausted as exc:
+            if not first:
+                raise
+            raise RetriesExhausted(
+                f"could not reach a fedlearn server at {self.config.server}; check http vs "
+                "https, the host and the port, and that `fedlearn server` is running there."
+            ) from exc
+        self.reached = True
         self.reregistered = False
         return result
-
-    def _on_retry(self, n: int, seconds: float, exc: ServerUnavailable) -> None:
-        self.log(f"retry {n}/{self.config.max_retries} in {seconds:.1f}s: {exc}")
 
     def prepare(self) -> None:
         """Load this client's data for its task (before anything is sent)."""

@@ -80,6 +80,7 @@ def create_app(
     info: dict[str, Any] | None = None,
     max_update_bytes: int | None = None,
     on_done: Any = None,
+    docs: bool = True,
 ) -> FastAPI:
     """A FastAPI app serving the protocol of docs/protocol.md for ``coordinator``.
 
@@ -143,6 +144,9 @@ def create_app(
         version="1",
         description="Federated averaging over HTTP. See docs/protocol.md.",
         lifespan=lifespan,
+        # The browser views load third-party assets; the schema itself is always served.
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
     app.state.coordinator = coordinator
     app.state.acknowledged = acknowledged

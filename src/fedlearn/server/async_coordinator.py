@@ -100,7 +100,13 @@ class AsyncCoordinator:
         self._last_staleness = 0
         self._elapsed = 0.0  # seconds of training before this process
         resumed = store.latest_checkpoint()
-        saved = store.get_meta(META_KEY)
+        # The counters saved with that very checkpoint (an older one may be used
+        # when the newest is damaged).
+        saved = None if resumed is None else store.get_meta(f"{META_KEY}:{resumed[0]}",
+                                                             store.get_meta(META_KEY))
+        if isinstance(saved, dict) and resumed is not None and saved.get("updates") not in (
+                None, resumed[0]):
+            saved = None
         restored = resumed is not None and isinstance(saved, dict)
         if resumed is not None and isinstance(saved, dict):
             key, weights = resumed
@@ -417,7 +423,8 @@ class AsyncCoordinator:
             }
         self.store.commit_round(
             record, state.weights if due.save else None,
-            {META_KEY: due.meta} if due.save else {}, key=state.updates,
+            {META_KEY: due.meta, f"{META_KEY}:{state.updates}": due.meta} if due.save else {},
+            key=state.updates,
         )
         with self._lock:
             self._due.pop(0)
@@ -482,6 +489,11 @@ class AsyncCoordinator:
     def weights(self) -> Weights:
         """The current global model (read-only arrays)."""
         return self._snapshot.weights
+
+    @property
+    def clients(self) -> ClientRegistry:
+        """The registered clients (read it under no lock only for a snapshot of ids)."""
+        return self._clients
 
     @property
     def done(self) -> bool:

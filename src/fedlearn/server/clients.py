@@ -109,6 +109,10 @@ class ClientRegistry:
     def __iter__(self) -> Iterator[ClientRecord]:
         return iter(list(self._clients.values()))
 
+    def ids(self) -> set[str]:
+        """Ids of every registered client."""
+        return set(self._clients)
+
     def online(self) -> set[str]:
         """Ids of the clients seen since this server process started."""
         return {c.client_id for c in self._clients.values() if c.online}

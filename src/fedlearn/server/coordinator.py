@@ -519,6 +519,11 @@ class SyncCoordinator:
             return self.state.weights
 
     @property
+    def clients(self) -> ClientRegistry:
+        """The registered clients (read it under no lock only for a snapshot of ids)."""
+        return self._clients
+
+    @property
     def done(self) -> bool:
         """True once every round has run."""
         return self.phase == "done"

@@ -37,6 +37,7 @@ log = logging.getLogger("fedlearn.server")
 TOKEN_FILE = "join-token"
 ENDPOINT_FILE = "server.json"
 DONE_GRACE_SECONDS = 15.0
+RESUMED_DONE_SECONDS = 60.0
 ASYNC_GRACE_SECONDS = 45.0
 
 
@@ -49,6 +50,9 @@ class ServeOptions:
     token_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    docs: bool = True
+    show_token: bool = True
+    max_connections: int | None = 4096
 
 
 def prepare_run(
@@ -136,7 +140,9 @@ def serve(
 
     evaluator = evaluate_on_server if test is not None else None
     train_config = config.train_config(task.config)
+    lock = lock_run(run.path)
     store = Store(run.path)
+    store.remove_leftovers()
     run_id = str(run.read_config().get("run_id", "run"))
     token = join_token_for(run, options.token_file)
 
@@ -149,13 +155,17 @@ def serve(
     kind = AsyncCoordinator if config.mode == "async" else SyncCoordinator
     coordinator = kind(config, initial, store=store, evaluator=evaluator,
                        train_config=train_config, task_name=task.name, on_round=record_round)
+    finished_before = resumed and coordinator.done and (run.path / "summary.json").exists()
     if resumed:
-        # metrics.jsonl follows the database: rounds (updates) after the checkpoint are redone.
+        # metrics.jsonl follows the database: rounds (updates) after the checkpoint are
+        # redone, and a row a failed write lost is written again.
         run.rewrite_metrics(coordinator.history)
 
     server_box: list[uvicorn.Server] = []
 
     def finish() -> None:
+        if finished_before:
+            return  # a finished run keeps its summary; the server only says "done"
         if isinstance(coordinator, AsyncCoordinator):
             # A final fedbuff flush may have replaced the last row; the database is the truth.
             run.rewrite_metrics(coordinator.history)
@@ -166,7 +176,7 @@ def serve(
 
     limit = config.max_update_bytes(nbytes(initial))
     app = create_app(coordinator, join_token=token, run_id=run_id, on_done=finish,
-                     max_update_bytes=limit)
+                     max_update_bytes=limit, docs=options.docs)
     sock = _bind(options.host, options.port)
     port = sock.getsockname()[1]
     scheme = "https" if options.tls_cert else "http"
@@ -177,7 +187,7 @@ def serve(
         ssl_certfile=str(options.tls_cert) if options.tls_cert else None,
         ssl_keyfile=str(options.tls_key) if options.tls_key else None,
         timeout_keep_alive=75,
-        limit_concurrency=None,
+        limit_concurrency=options.max_connections,
         backlog=4096,
     )
     server = uvicorn.Server(uv_config)
@@ -187,7 +197,10 @@ def serve(
         json.dumps({"url": url, "pid": os.getpid(), "run_id": run_id}) + "\n",
     )
     announce(f"fedlearn server listening on {url}")
-    announce(f"join token: {token}")
+    if options.show_token:
+        announce(f"join token: {token}")
+    else:  # never into a log file
+        announce(f"join token in {run.path / TOKEN_FILE} (mode 600)")
     if config.mode == "async":
         where = (f"resuming after update {coordinator.state.updates}, version "
                  f"{coordinator.state.version}" if isinstance(coordinator, AsyncCoordinator)
@@ -195,6 +208,8 @@ def serve(
         where += f", async {config.async_policy}"
     else:
         where = "resuming after round " + str(coordinator.state.version) if resumed else "new run"
+    if finished_before:
+        where = "finished already: answering 'done' to returning clients for a while"
     announce(f"run directory {run.path} ({where}); waiting for {config.min_clients} clients")
 
     async def main() -> None:
@@ -208,7 +223,7 @@ def serve(
             stop = asyncio.create_task(done_event.wait())
             await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not serving.done():
-                await _grace(app, coordinator)
+                await _grace(app, coordinator, finished_before)
                 server.should_exit = True
         await serving
 
@@ -218,6 +233,7 @@ def serve(
         sock.close()
         store.close()
         (run.path / ENDPOINT_FILE).unlink(missing_ok=True)
+        lock.close()
     if not coordinator.done:
         end = "its stop rule" if config.mode == "async" else f"round {config.rounds}"
         raise RunStateError(
@@ -249,20 +265,53 @@ def run_loop(main: Callable[[], Any]) -> None:
         raise failure[0]
 
 
-async def _grace(app: Any, coordinator: Any) -> None:
+async def _grace(app: Any, coordinator: Any, finished_before: bool = False) -> None:
     """Give online clients a moment to hear 'done' before the server goes away.
 
     In async mode clients are mid-training when the run stops; each hears
     'done' when it next polls, after its update is refused, so they get longer.
+    A server resumed after its last round waits for every registered client
+    (they come back after the restart) up to :data:`RESUMED_DONE_SECONDS`.
     """
     extra = ASYNC_GRACE_SECONDS if coordinator.config.mode == "async" else 0.0
-    deadline = time.monotonic() + DONE_GRACE_SECONDS + extra
+    wait = RESUMED_DONE_SECONDS if finished_before else DONE_GRACE_SECONDS + extra
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        online = coordinator._clients.online()
-        if online <= app.state.acknowledged:
+        expected = (coordinator.clients.ids() if finished_before
+                    else coordinator.clients.online())
+        if expected <= app.state.acknowledged:
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)
+
+
+def lock_run(path: Path) -> Any:
+    """Hold an exclusive lock on the run directory while this server owns it.
+
+    A second server on the same run directory is refused with one sentence.
+    """
+    import fcntl
+
+    lock_path = Path(path) / ".lock"
+    try:
+        fh = open(lock_path, "a+")  # noqa: SIM115 - held for the server's life
+        os.chmod(lock_path, 0o600)
+    except OSError as exc:
+        raise RunStateError(f"cannot use the run directory {path} ({exc.strerror}); check its "
+                            "permissions and free space.") from exc
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        owner = fh.read().strip() or "another process"
+        fh.close()
+        raise RunStateError(f"the run directory {path} is in use by a server (pid {owner}); "
+                            "stop that server first.") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
 
 
 def save_outputs(
@@ -319,6 +368,9 @@ def _median(xs: list[float]) -> float | None:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {port}; 0 picks a free "
+                          "port.")
     try:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -17,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlearn.errors import RunStateError
+from fedlearn.errors import FedlearnError, RunStateError
 from fedlearn.fsutil import atomic_write_bytes
 from fedlearn.types import Weights
-from fedlearn.weights import decode, encode
+from fedlearn.weights import decode, encode, unusable
+
+log = logging.getLogger("fedlearn.server")
 
 DB_NAME = "run.sqlite"
 CHECKPOINTS = "checkpoints"
@@ -68,6 +72,7 @@ class Store:
             self._db = sqlite3.connect(
                 self.run_dir / DB_NAME, check_same_thread=False, isolation_level=None
             )
+            os.chmod(self.run_dir / DB_NAME, 0o600)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
@@ -132,8 +137,17 @@ class Store:
                 raise ValueError("commit_round needs a record with 'round' or a key")
             key = int(record["round"])
         version = int(key)
+        checksums: dict[str, str] = {}
         if weights is not None:
-            atomic_write_bytes(self._checkpoint_path(version), encode(weights))
+            bad = unusable(weights)
+            if bad is not None:
+                raise RunStateError(f"refusing to checkpoint version {version}: {bad}.")
+            data = encode(weights)
+            atomic_write_bytes(self._checkpoint_path(version), data)
+            kept = self.get_meta("checksums", {}) or {}
+            newest = sorted(kept, key=int)[-1:]
+            checksums = {k: kept[k] for k in newest if int(k) != version}
+            checksums[str(version)] = hashlib.sha256(data).hexdigest()
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -152,6 +166,10 @@ class Store:
                     cur.execute(
                         "INSERT OR REPLACE INTO meta VALUES ('checkpoint', ?)",
                         (json.dumps(version),),
+                    )
+                    cur.execute(
+                        "INSERT OR REPLACE INTO meta VALUES ('checksums', ?)",
+                        (json.dumps(checksums),),
                     )
                 for name, value in extra_meta.items():
                     cur.execute(
@@ -186,22 +204,51 @@ class Store:
             return int(cur.rowcount)
 
     def latest_checkpoint(self) -> tuple[int, Weights] | None:
-        """(key, weights) of the committed checkpoint, or None before the first.
+        """(key, weights) of the newest good checkpoint, or None before the first.
 
         The key is the round for a sync run and the update count for an async one.
+        Each checkpoint's SHA-256 is in the database: a damaged (truncated,
+        bit-flipped) or missing file is named in the log and the older one kept
+        beside it is used; when none is good the run cannot be resumed.
         """
         version = self.get_meta("checkpoint")
         if version is None:
             return None
-        path = self._checkpoint_path(int(version))
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise RunStateError(
-                f"checkpoint {path} is recorded but cannot be read ({exc.strerror}); "
-                "the run directory is damaged."
-            ) from exc
-        return int(version), decode(data, max_bytes=1 << 40)
+        sums = self.get_meta("checksums", {}) or {}
+        candidates = sorted({int(version), *(int(k) for k in sums)}, reverse=True)
+        problems = []
+        for v in candidates:
+            if v > int(version):
+                continue
+            path = self._checkpoint_path(v)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                problems.append(f"{path} cannot be read ({exc.strerror})")
+                continue
+            want = sums.get(str(v))
+            if want is not None and hashlib.sha256(data).hexdigest() != want:
+                problems.append(f"{path} is damaged (its checksum does not match)")
+                continue
+            try:
+                weights = decode(data, max_bytes=1 << 40)
+            except FedlearnError as exc:
+                problems.append(f"{path} is damaged ({exc})")
+                continue
+            for problem in problems:
+                log.warning("%s; resuming from the older checkpoint %s", problem, path.name)
+            return v, weights
+        raise RunStateError(f"no usable checkpoint: {'; '.join(problems)}; the run directory "
+                            "is damaged and cannot be resumed.")
+
+    def remove_leftovers(self) -> int:
+        """Delete temporary files of interrupted writes; how many were removed."""
+        count = 0
+        for folder in (self.run_dir, self.checkpoint_dir):
+            for path in folder.glob(".*.tmp"):
+                path.unlink(missing_ok=True)
+                count += 1
+        return count
 
     def _checkpoint_path(self, version: int) -> Path:
         return self.checkpoint_dir / f"global-{version:06d}.safetensors"
