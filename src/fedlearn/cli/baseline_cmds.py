@@ -217,7 +217,10 @@ def datasets_list(ctx: typer.Context) -> None:
         table.add_column(col, overflow="fold")
     for name in DATASETS:
         s = status(name)
-        where = f"[green]{s.found_at}[/]" if s.found_at else "[red]missing[/]"
+        from rich.text import Text
+
+        where = Text(str(s.found_at), style="green") if s.found_at else Text("missing",
+                                                                             style="red")
         table.add_row(name, where, str(s.train_size), str(s.test_size),
                       "x".join(map(str, s.input_shape)), str(s.num_classes))
     console.print(table)

@@ -19,8 +19,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console()
-err_console = Console(stderr=True)
+# Text is printed literally: a path with "[/]" or a spec like "dirichlet:-1:3:0" is not
+# markup or an emoji code.
+console = Console(markup=False, emoji=False)
+err_console = Console(stderr=True, markup=False, emoji=False)
 
 DatasetOpt = Annotated[
     str, typer.Option("--dataset", "-d", help="fashion-mnist, mnist, cifar10 or digits.")
@@ -70,10 +72,10 @@ class Bar:
 def progress_bar(description: str, total: int) -> Iterator[Bar]:
     """A rich progress bar with a free-text status field."""
     progress = Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
+        TextColumn("{task.fields[status]}", markup=False),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,

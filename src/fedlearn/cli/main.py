@@ -33,8 +33,8 @@ def main() -> None:
     try:
         app()
     except FedlearnError as exc:
-        err_console.print("error: " + str(exc), style="bold red", markup=False,
-                          highlight=False, soft_wrap=True)
+        err_console.print("error: " + str(exc), style="bold red", highlight=False,
+                          soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")

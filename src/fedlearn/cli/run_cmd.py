@@ -145,8 +145,10 @@ def run(
              "lr": lr, "momentum": momentum}
     train = TrainConfig.from_dict({**the_task.config,
                                    **{k: v for k, v in given.items() if v is not None}})
-    ServerConfig(rounds=rounds, client=train.as_dict(), eval_fraction=eval_fraction,
-                 **{k: v for k, v in run_flags.items() if v is not None})
+    checked = {"fraction": fraction, "min_results": min_results,
+               "round_timeout": round_timeout, "strategy": strategy, **run_flags}
+    ServerConfig(rounds=rounds, client=train.as_dict(), eval_fraction=eval_fraction, seed=seed,
+                 **{k: v for k, v in checked.items() if v is not None})
     if min_results is not None and min_results > clients:
         raise ConfigError(f"--min-results {min_results} is more than the {clients} clients; "
                           "no round could ever close. Lower it or add clients.")
@@ -338,8 +340,8 @@ def _follow(
             for n, p in procs.items():
                 if n != "server" and n not in reported and p.poll() not in (None, 0):
                     reported.add(n)
-                    console.print(f"[yellow]{n} exited with code {p.returncode}; the server "
-                                  "carries on without it[/]")
+                    console.print(f"{n} exited with code {p.returncode}; the server "
+                                  "carries on without it", style="yellow")
             if all(p.poll() is not None for n, p in procs.items() if n != "server"):
                 # Clients leave when told the run is over; the server follows shortly.
                 with contextlib.suppress(subprocess.TimeoutExpired):
