@@ -104,17 +104,25 @@ def create_app(
 
     async def drive() -> None:
         """Run the coordinator's steps whenever something changed or a deadline passed."""
+        failing = 0
         while not coordinator.done:
             event = hub.event
             try:
                 while await run_in_threadpool(coordinator.step):
                     pass
-            except Exception:  # keep serving; the next change or tick retries
-                log.exception("round step failed; retrying")
-                await asyncio.sleep(1.0)
+                if failing:
+                    log.warning("the server works again after %d failed tries", failing)
+                failing = 0
+            except Exception as exc:  # a disk fault: keep serving, retry until it clears
+                failing += 1
+                if failing == 1 or failing % 30 == 0:
+                    log.error("could not save the run (%s: %s); retrying every few seconds "
+                              "(free disk space or fix permissions)", type(exc).__name__, exc)
             if coordinator.done:
                 break
             wait = coordinator.seconds_to_deadline()
+            if failing:
+                wait = min(wait if wait is not None else 2.0, 2.0)
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
             # cancellation that arrives just as the event is set, and the driver
             # (and so the app's shutdown) would never stop.

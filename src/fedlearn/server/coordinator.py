@@ -37,6 +37,8 @@ from fedlearn.weights import (
 )
 
 log = logging.getLogger("fedlearn.server")
+#: Longest a resumed run waits for the clients it knew before its first round.
+RETURN_WAIT_SECONDS = 60.0
 #: Answers to updates kept for replays (a client retrying after a timeout gets the same one).
 REPLAY_MEMORY = 10_000
 
@@ -124,6 +126,10 @@ class SyncCoordinator:
         self.norm_limit = config.update_norm_limit(float_norm(initial))
         self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.failures: list[dict[str, Any]] = list(store.get_meta("failures", []))
+        self.short_rounds = 0
+        self._known_before = len(self._clients)
+        #: until then a resumed run waits for the clients it knew (see _start_round_locked)
+        self._returning_until = clock() + min(config.round_timeout, RETURN_WAIT_SECONDS)
         resumed = store.latest_checkpoint()
         if resumed is not None:
             version, weights = resumed
@@ -301,6 +307,9 @@ class SyncCoordinator:
         """Seconds until the next deadline: the open round's or an evaluation's (or None)."""
         with self._lock:
             waits = [self.fed_eval.seconds_to_deadline()]
+            now = self.clock()
+            if not self._started_once and self._known_before and now < self._returning_until:
+                waits.append(self._returning_until - now + 0.01)
             if self._round is not None and not self._closing:
                 waits.append(max(0.0, self._round.deadline - self.clock()))
             found = [w for w in waits if w is not None]
@@ -329,6 +338,10 @@ class SyncCoordinator:
                 for cid in rnd.sampled - rnd.received.keys():
                     self._clients[cid].dropped = True
             if len(rnd.received) < self.config.min_results:
+                log.warning("round %d: %d update(s) by the deadline, fewer than --min-results "
+                            "%d; running it again with a new sample", rnd.number,
+                            len(rnd.received), self.config.min_results)
+                self.short_rounds += 1
                 self._round = None
                 self._start_round_locked(rnd.number, attempt=rnd.attempt + 1)
                 self.on_change()
@@ -345,6 +358,10 @@ class SyncCoordinator:
         # with whoever is still there, but never with fewer than --min-results
         # clients: such a round could only be thrown away.
         needed = 1 if self._started_once else self.config.min_clients
+        if not self._started_once and self.clock() < self._returning_until:
+            # A resumed run waits (a while) for every client it knew, so its first
+            # round samples from the same clients as the uninterrupted run would.
+            needed = max(needed, self._known_before)
         needed = max(needed, self.config.min_results)
         if len(candidates) < needed:
             self.phase = "waiting"
@@ -502,6 +519,8 @@ class SyncCoordinator:
                 "sampled": sampled,
                 "received": len(rnd.received) if rnd is not None else 0,
                 "failures": self.failures[-10:],
+                "short_rounds": self.short_rounds,
+                "min_results": self.config.min_results,
                 "history": [
                     {k: v for k, v in h.items()
                      if k in ("round", "accuracy", "loss") or k.startswith("fed_")}

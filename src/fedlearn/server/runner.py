@@ -7,6 +7,7 @@ directory once listening, so scripts and ``fedlearn run`` can find the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -64,6 +65,9 @@ def prepare_run(
         saved = run.read_config()
         if saved.get("mode") not in ("sync", "async") or "server" not in saved:
             raise RunStateError(f"{resume} is not a federated server run; cannot resume it.")
+        if not (run.path / DB_NAME).exists() and (run.path / "metrics.jsonl").exists():
+            raise RunStateError(f"{resume} has rounds but no {DB_NAME}; its records are gone, "
+                                "so it cannot be resumed (start a new run with --out).")
         return run, from_mapping(ServerConfig, saved["server"], where=str(resume)), True
     if config is None:
         raise ConfigError("no configuration given.")
@@ -143,11 +147,26 @@ def serve(
     lock = lock_run(run.path)
     store = Store(run.path)
     store.remove_leftovers()
+    # wall_seconds counts every server process of the run, not only this one.
+    started -= float(store.get_meta("wall_seconds", 0.0) or 0.0)
     run_id = str(run.read_config().get("run_id", "run"))
     token = join_token_for(run, options.token_file)
 
+    lost_rows: list[bool] = []
+
     def record_round(record: dict[str, Any]) -> None:
-        run.append_metrics(record)
+        try:
+            if lost_rows:  # an earlier append failed: rebuild the file from the database
+                run.rewrite_metrics(coordinator.history)
+                lost_rows.clear()
+            else:
+                run.append_metrics(record)
+        except OSError as exc:
+            lost_rows.append(True)
+            log.error("could not write %s (%s); it is rebuilt from run.sqlite once the disk "
+                      "works again", run.path / "metrics.jsonl", exc.strerror)
+        with contextlib.suppress(Exception):
+            store.set_meta("wall_seconds", time.perf_counter() - started)
         if on_round is not None:
             on_round(record)
 
@@ -159,7 +178,12 @@ def serve(
     if resumed:
         # metrics.jsonl follows the database: rounds (updates) after the checkpoint are
         # redone, and a row a failed write lost is written again.
-        run.rewrite_metrics(coordinator.history)
+        try:
+            run.rewrite_metrics(coordinator.history)
+        except OSError as exc:
+            raise RunStateError(f"cannot write to the run directory {run.path} "
+                                f"({exc.strerror}); free disk space or fix its permissions, "
+                                "then resume again.") from exc
 
     server_box: list[uvicorn.Server] = []
 
