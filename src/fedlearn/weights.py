@@ -202,6 +202,9 @@ def spec_from_json(data: object) -> dict[str, TensorSpec]:
     for name, entry in data.items():
         shape = entry.get("shape") if isinstance(entry, dict) else None
         dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if isinstance(shape, list):  # JSON has one number type: 3.0 is the integer 3
+            shape = [int(d) if isinstance(d, float) and d.is_integer() and abs(d) < 2**40
+                     else d for d in shape]
         if (not isinstance(name, str) or not isinstance(dtype, str) or not isinstance(shape, list)
                 or len(shape) > 32 or not all(
                     isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40

@@ -35,6 +35,31 @@ from fedlearn.weights import decode, spec_from_json
 log = logging.getLogger("fedlearn.server")
 
 MAX_POLL_SECONDS = 60.0
+
+#: Every error is ``{"detail": "<one sentence>"}``; the schema says so for each code.
+_ERROR = {"content": {"application/json": {"schema": {
+    "type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}}}}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": what, **_ERROR} for code, what in (
+        (400, "a malformed request or payload"), (401, "a missing or wrong token"),
+        (409, "not the right moment or task for it"), (413, "a body over the limit"),
+        (422, "a missing or bad parameter"), (429, "too many registrations at once"))}
+_SPEC_ENTRY = {"type": "object", "required": ["shape", "dtype"], "properties": {
+    "shape": {"type": "array", "maxItems": 32,
+              "items": {"type": "integer", "minimum": 0, "maximum": 2**40 - 1}},
+    "dtype": {"type": "string"}}}
+REGISTER_SCHEMA = {
+    "type": "object", "required": ["client_id"],
+    "properties": {
+        "client_id": {"type": "string", "pattern": "^[ -~]{1,128}$"},
+        "num_examples": {"type": "integer", "minimum": 0, "maximum": 10**12},
+        "num_test_examples": {"type": "integer", "minimum": 0, "maximum": 10**12},
+        "credential": {"type": "string"},
+        "task": {"type": "object", "properties": {
+            "name": {"type": "string"},
+            "spec": {"type": "object", "additionalProperties": _SPEC_ENTRY}}},
+    },
+}
 #: The most examples one client may claim (at registration, per update or evaluation).
 MAX_EXAMPLES = 10**12
 
@@ -188,7 +213,9 @@ def create_app(
             return None
         return coordinator.authenticate(secret)
 
-    @app.post("/api/register", dependencies=[Depends(join_auth)])
+    @app.post("/api/register", dependencies=[Depends(join_auth)], responses=ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": REGISTER_SCHEMA}}}})
     async def register(request: Request) -> dict[str, Any]:
         """Register a client with the join token; returns its credential."""
         body = await _read_body(request, 64 * 1024)
@@ -236,10 +263,10 @@ def create_app(
             **details,
         }
 
-    @app.get("/api/task")
+    @app.get("/api/task", responses=ERRORS)
     async def task(
         client_id: Annotated[str, Depends(client_auth)],
-        wait: Annotated[float, Query(ge=0)] = 30.0,
+        wait: Annotated[float, Query(ge=0, le=MAX_POLL_SECONDS)] = 30.0,
     ) -> dict[str, Any]:
         """Long-poll for the next task: train, wait or done."""
         loop = asyncio.get_running_loop()
@@ -256,7 +283,10 @@ def create_app(
                 async with asyncio.timeout(remaining):
                     await event.wait()
 
-    @app.get("/api/model", dependencies=[Depends(client_auth)])
+    @app.get("/api/model", dependencies=[Depends(client_auth)], response_class=Response,
+             responses={**ERRORS, 200: {"description": "the global model (safetensors)",
+                                        "content": {"application/octet-stream": {"schema": {
+                                            "type": "string", "format": "binary"}}}}})
     async def model() -> Response:
         """The global model as safetensors bytes."""
         data, version = await run_in_threadpool(coordinator.model_bytes)
@@ -266,7 +296,10 @@ def create_app(
             headers={"X-Fedlearn-Version": str(version), "X-Fedlearn-Run": run_id},
         )
 
-    @app.post("/api/update")
+    @app.post("/api/update", responses=ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/octet-stream": {"schema": {"type": "string",
+                                                          "format": "binary"}}}}})
     async def update(
         request: Request,
         client_id: Annotated[str, Depends(client_auth)],
@@ -317,7 +350,7 @@ def create_app(
             coordinator.submit, client_id, number, delta, num_examples, values, task_id
         )
 
-    @app.post("/api/evaluate")
+    @app.post("/api/evaluate", responses=ERRORS)
     async def evaluate(
         client_id: Annotated[str, Depends(client_auth)],
         round: Annotated[int, Query(ge=0, le=2**62, description="the evaluation's key (the "
@@ -332,7 +365,7 @@ def create_app(
             coordinator.submit_evaluation, client_id, round, values, num_examples)
         return {"accepted": True, "round": round}
 
-    @app.get("/api/status")
+    @app.get("/api/status", responses=ERRORS)
     async def status(viewer: Annotated[str | None, Depends(any_auth)]) -> dict[str, Any]:
         """Run id, state, round or version, clients and metrics history (a client sees
         counts and its own record; the join token sees every client id)."""
@@ -344,6 +377,8 @@ def create_app(
 def _count(value: Any, name: str) -> int | None:
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_EXAMPLES:
+        value = int(value)  # JSON has one number type: 10.0 is the integer 10
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_EXAMPLES:
         raise PayloadError(f"{name} must be an integer from 0 to {MAX_EXAMPLES}.")
     return value

@@ -63,8 +63,8 @@ class ClientRegistry:
     @staticmethod
     def new_credential(client_id: str) -> tuple[str, str]:
         """Check ``client_id`` and make a fresh credential: (credential, its hash)."""
-        if not client_id or len(client_id) > 128 or not client_id.isprintable():
-            raise PayloadError("client_id must be 1 to 128 printable characters.")
+        if not client_id or len(client_id) > 128 or not all(" " <= c <= "~" for c in client_id):
+            raise PayloadError("client_id must be 1 to 128 printable ASCII characters.")
         credential = secrets.token_urlsafe(32)
         return credential, hash_secret(credential)
 
