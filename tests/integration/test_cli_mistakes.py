@@ -39,8 +39,7 @@ def test_a_bad_command_line_is_one_sentence(
     tmp_path: Path, args: list[str], code: int, words: str,
 ) -> None:
     out = tmp_path / "out"
-    res = run_cli([*args, "--out", str(out)] if args[0] != "server" else
-                  [*args, "--out", str(out)], cli_env(tmp_path), timeout=120)
+    res = run_cli([*args, "--out", str(out)], cli_env(tmp_path), timeout=120)
     assert res.returncode == code, res.stdout + res.stderr
     assert words in one_line(res)
     assert not out.exists() or not any(out.iterdir()), "a failed command left files behind"

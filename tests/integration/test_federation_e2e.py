@@ -47,7 +47,7 @@ def test_run_three_clients_on_digits(tmp_path: Path) -> None:
 def test_client_killed_mid_round_is_dropped(tmp_path: Path, procs: Procs) -> None:
     run_dir = tmp_path / "run"
     procs.start("server", ["server", "--port", "0", "--dataset", "digits", "--rounds", "4",
-                           "--min-clients", "3", "--min-results", "2", "--round-timeout", "4",
+                           "--min-clients", "3", "--min-results", "2", "--round-timeout", "12",
                            "--out", str(run_dir)])
     url = endpoint(run_dir)["url"]
     procs.start("c0", client_args(url, run_dir, 0, 3))
