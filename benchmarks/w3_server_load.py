@@ -194,8 +194,8 @@ class Run:
     bad: list[dict[str, Any]] = field(default_factory=list)
     slow: list[dict[str, Any]] = field(default_factory=list)
     stage: dict[str, str] = field(default_factory=dict)
-    uploads_done: asyncio.Event = field(default_factory=asyncio.Event)
-    honest_left: int = 0
+    honest_done: asyncio.Event = field(default_factory=asyncio.Event)
+    honest_unfinished: int = 0
 
     async def call(self, who: str, method: str, path: str, secret: str,
                    **kw: Any) -> httpx.Response | None:
@@ -234,42 +234,45 @@ class Run:
         """Register, wait for the train task, pull the model, upload the delta, wait for done."""
         who = f"c{i}"
         try:
-            secret = await self.register(who)
-            if secret is None:
-                self.refused.append(f"POST /api/register (client {who}) was refused")
-                return
-            self.stage[who] = "task"
-            task = await self.poll(who, secret, ("train", "done"))
-            if task is None or task["action"] != "train":
-                self.refused.append(f"client {who} got no train task ({task})")
-                return
-            self.round_open.set()
-            self.stage[who] = "model"
-            r = await self.call(who, "GET", "/api/model", secret)
-            if r is None or r.status_code != 200:
-                self.refused.append(f"GET /api/model (client {who}) was refused")
-                return
-            model = decode(r.content)
-            if not self.payloads.done():
-                self.payloads.set_result(Payloads.from_model(model, self.seed))
-            body = self.payloads.result().delta
-            self.stage[who] = "upload"
-            path = (f"/api/update?round={task['round']}&num_examples={EXAMPLES}"
-                    f"&task_id={task['task_id']}")
-            t0 = time.perf_counter()
-            r = await self.call(who, "POST", path, secret, content=body)
-            t1 = time.perf_counter()
-            if r is None or r.status_code != 200 or not r.json().get("accepted"):
-                code = None if r is None else f"{r.status_code} {r.text[:200]}"
-                self.refused.append(f"POST {path} (client {who}) was refused: {code}")
-                return
-            self.uploads.append((t0, t1))
-            if not self.accepted_task.done():
-                self.accepted_task.set_result(str(task["task_id"]))
+            await self._honest(who)
         finally:
-            self.honest_left -= 1
-            if self.honest_left == 0:
-                self.uploads_done.set()
+            self.honest_unfinished -= 1
+            if self.honest_unfinished == 0:
+                self.honest_done.set()
+
+    async def _honest(self, who: str) -> None:
+        secret = await self.register(who)
+        if secret is None:
+            self.refused.append(f"POST /api/register (client {who}) was refused")
+            return
+        self.stage[who] = "task"
+        task = await self.poll(who, secret, ("train", "done"))
+        if task is None or task["action"] != "train":
+            self.refused.append(f"client {who} got no train task ({task})")
+            return
+        self.round_open.set()
+        self.stage[who] = "model"
+        r = await self.call(who, "GET", "/api/model", secret)
+        if r is None or r.status_code != 200:
+            self.refused.append(f"GET /api/model (client {who}) was refused")
+            return
+        model = decode(r.content)
+        if not self.payloads.done():
+            self.payloads.set_result(Payloads.from_model(model, self.seed))
+        body = self.payloads.result().delta
+        self.stage[who] = "upload"
+        path = (f"/api/update?round={task['round']}&num_examples={EXAMPLES}"
+                f"&task_id={task['task_id']}")
+        t0 = time.perf_counter()
+        r = await self.call(who, "POST", path, secret, content=body)
+        t1 = time.perf_counter()
+        if r is None or r.status_code != 200 or not r.json().get("accepted"):
+            code = None if r is None else f"{r.status_code} {r.text[:200]}"
+            self.refused.append(f"POST {path} (client {who}) was refused: {code}")
+            return
+        self.uploads.append((t0, t1))
+        if not self.accepted_task.done():
+            self.accepted_task.set_result(str(task["task_id"]))
         self.stage[who] = "done-poll"
         if await self.poll(who, secret, ("done",)) is None:
             self.refused.append(f"client {who} never heard 'done'")
@@ -278,6 +281,8 @@ class Run:
     async def misbehave(self, j: int, kind: str) -> None:
         """One bad client of ``kind``; its answers go to ``self.bad`` / ``self.slow``."""
         who = f"b{j}"
+        if kind == "slowloris":  # open before anyone registers, to span the whole run
+            slow = asyncio.create_task(self.slowloris(who))
         if self.late:
             self.stage[who] = "wait-round"
             await self.round_open.wait()
@@ -291,9 +296,11 @@ class Run:
         if secret is None:
             self.bad.append({"client": who, "kind": kind, "request": "POST /api/register",
                              "status": None, "detail": "register refused"})
+            if kind == "slowloris":
+                await slow
             return
         if kind == "slowloris":
-            await self.slowloris(who, secret)
+            await slow
         else:
             await self.bad_upload(who, kind, secret)
         self.stage[who] = "done-poll"
@@ -337,19 +344,19 @@ class Run:
             self.server_errors.append(f"{method} {path} (client {who}, {kind}): {status} "
                                       f"{detail}")
 
-    async def slowloris(self, who: str, secret: str) -> None:
-        """A partial request header, one byte a second, until every honest upload is answered."""
+    async def slowloris(self, who: str) -> None:
+        """A partial request header, one byte a second, until every honest client heard done."""
         host, port = self.url.removeprefix("http://").rsplit(":", 1)
         self.stage[who] = "slowloris"
         t0 = time.perf_counter()
         reader, writer = await asyncio.open_connection(host, int(port))
         head = (f"POST /api/update?round=1&num_examples={EXAMPLES} HTTP/1.1\r\n"
-                f"Host: {host}:{port}\r\nAuthorization: Bearer {secret}\r\nX-Slow: ").encode()
+                f"Host: {host}:{port}\r\nX-Slow: ").encode()
         writer.write(head)
         sent, answer, closed_after = len(head), b"", None
         try:
             await writer.drain()
-            while not self.uploads_done.is_set():
+            while not self.honest_done.is_set():
                 try:
                     async with asyncio.timeout(1.0):
                         data = await reader.read(4096)
@@ -389,7 +396,7 @@ async def drive(url: str, token: str, n: int, mode: str, seed: int,
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
         loop = asyncio.get_running_loop()
         run = Run(url=url, token=token, http=http, seed=seed, late=mode == "bad-late",
-                  payloads=loop.create_future(), honest_left=n - bad)
+                  payloads=loop.create_future(), honest_unfinished=n - bad)
         jobs = [run.honest(i) for i in range(n - bad)]
         jobs += [run.misbehave(j, KINDS[j % len(KINDS)]) for j in range(bad)]
         try:
@@ -439,6 +446,10 @@ def one_run(n: int, mode: str, seed: int, round_timeout: float, work: Path) -> d
     problems += [f"honest client refused or stuck: {e}" for e in run.refused]
     if "exited 0" not in ended:
         problems.append(f"server {ended}")
+    text = log.read_text(errors="replace")
+    if "Traceback" in text:
+        at = text.index("Traceback")
+        problems.append(f"the server logged a traceback: {text[at:at + 600]!r}")
     answered = [b for b in run.bad if b["status"] is not None and 400 <= b["status"] < 500]
     problems += [f"bad request not answered 4xx: {b['request']} ({b['client']}, {b['kind']}) "
                  f"-> {b['status']} {b['detail']}" for b in run.bad if b not in answered]
@@ -470,6 +481,19 @@ def one_run(n: int, mode: str, seed: int, round_timeout: float, work: Path) -> d
         "model_bytes": len(run.payloads.result().delta) if run.payloads.done() else None,
         "wall_seconds": wall, "server": ended, "server_log": str(log), "problems": problems,
     }
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and whether src/ had changes not yet committed."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=root,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {"commit": head, "src_uncommitted_changes": bool(dirty)}
 
 
 def main() -> None:
@@ -531,6 +555,7 @@ def main() -> None:
               f"to N={hi['n']} (the encoded model is {hi['model_bytes'] / 1024:.0f} KB)")
 
     path = write_json("w3_server_load", {
+        "git": git_state(),
         "dataset": "digits", "model": "mlp", "rounds": 1, "round_timeout": args.round_timeout,
         "seed": args.seed, "sizes": sizes, "modes": modes, "kinds": list(KINDS),
         "library": {"httpx": httpx.__version__, "psutil": psutil.__version__},

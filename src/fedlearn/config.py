@@ -190,6 +190,7 @@ class ServerConfig:
     max_update_mb: float | None = None
     max_update_norm: float | None = None
     max_clients: int = 10_000
+    pickup_timeout: float | None = None
     mode: str = "sync"
     async_policy: str = "fedasync"
     async_alpha: float = 0.6
@@ -226,6 +227,8 @@ class ServerConfig:
                 self.max_update_norm >= 0 and math.isfinite(self.max_update_norm)):
             raise ConfigError(f"--max-update-norm must be 0 (off) or a positive number, got "
                               f"{self.max_update_norm}.")
+        if self.pickup_timeout is not None and not self.pickup_timeout > 0:
+            raise ConfigError(f"--pickup-timeout must be positive, got {self.pickup_timeout}.")
         if self.max_clients < 1:
             raise ConfigError(f"--max-clients must be at least 1, got {self.max_clients}.")
         if self.eval_fraction is not None and not 0 < self.eval_fraction <= 1:

@@ -60,8 +60,9 @@ class Harness:
     def __init__(
         self, run_dir: Path, stores: list[Store], clock: FakeClock | None = None, **config: Any
     ) -> None:
+        # pickup_timeout: these tests move the clock without polls; test_hardening covers it.
         settings: dict[str, Any] = {"rounds": 3, "min_clients": 2, "round_timeout": 10.0,
-                                    "seed": 7}
+                                    "seed": 7, "pickup_timeout": 1e9}
         settings.update(config)
         self.config = ServerConfig(**settings)
         self.store = Store(run_dir)

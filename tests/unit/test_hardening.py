@@ -131,3 +131,27 @@ def test_hostile_numbers_and_json_are_4xx_never_5xx(tmp_path: Path, stores: list
             assert coord.status()["version"] == 0
 
     run(scenario)
+
+
+def test_sampled_clients_that_never_pick_up_their_task_are_replaced_in_seconds(
+    tmp_path: Path, stores: list[Store],
+) -> None:
+    h = Harness(tmp_path, stores, min_clients=4, fraction=0.5, pickup_timeout=5.0,
+                round_timeout=600.0)
+    h.register("a", "b", "c", "d")
+    h.coord.step()
+    sampled = set(h.sampled())
+    awake = sorted(sampled)[0]
+    assert h.coord.poll(awake).action == "train"  # one picks up its task, the other never
+    silent = (sampled - {awake}).pop()
+    h.clock.advance(4.0)
+    assert not h.coord.step()
+    h.clock.advance(1.5)
+    assert h.coord.step()  # pickup deadline: the silent one is swapped out
+    now = set(h.sampled())
+    assert awake in now and silent not in now and len(now) == 2
+    for cid in sorted(now):
+        h.coord.poll(cid)
+        h.coord.submit(cid, 1, vec(1.0, 1.0), 1)
+    assert h.coord.step()
+    assert h.coord.status()["version"] == 1  # closed long before the 600 s deadline

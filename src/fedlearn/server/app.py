@@ -35,6 +35,8 @@ from fedlearn.weights import decode, spec_from_json
 log = logging.getLogger("fedlearn.server")
 
 MAX_POLL_SECONDS = 60.0
+#: Seconds a request body may take to arrive (a slow upload is refused, not waited on).
+BODY_SECONDS = 120.0
 
 #: Every error is ``{"detail": "<one sentence>"}``; the schema says so for each code.
 _ERROR = {"content": {"application/json": {"schema": {
@@ -419,11 +421,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(
-                f"body is over the limit of {limit} bytes; send the run's model only."
-            )
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(
+                        f"body is over the limit of {limit} bytes; send the run's model only."
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise PayloadError(f"the body did not arrive within {BODY_SECONDS:.0f} seconds; "
+                           "send it at once.") from None
     return b"".join(chunks)

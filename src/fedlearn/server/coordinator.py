@@ -19,7 +19,7 @@ from typing import Any
 
 from fedlearn.config import ServerConfig, TrainConfig
 from fedlearn.errors import ConflictError, PayloadError
-from fedlearn.seeding import task_seed
+from fedlearn.seeding import rng_for, task_seed
 from fedlearn.server.clients import ClientRegistry, check_identity
 from fedlearn.server.fedeval import FedEval
 from fedlearn.server.store import Store
@@ -37,6 +37,8 @@ from fedlearn.weights import (
 )
 
 log = logging.getLogger("fedlearn.server")
+#: Seconds a sampled client has to pick up its task before another takes its place.
+PICKUP_SECONDS = 15.0
 #: Longest a resumed run waits for the clients it knew before its first round.
 RETURN_WAIT_SECONDS = 60.0
 #: Answers to updates kept for replays (a client retrying after a timeout gets the same one).
@@ -92,6 +94,8 @@ class _Round:
     sums: RunningSum = field(default_factory=RunningSum)
     received: dict[str, int] = field(default_factory=dict)
     train_loss: float = 0.0
+    picked: set[str] = field(default_factory=set)  # sampled clients that took their task
+    pickup_checked: bool = False
 
 
 class SyncCoordinator:
@@ -205,6 +209,7 @@ class SyncCoordinator:
             or client_id in rnd.received
         ):
             return WAIT
+        rnd.picked.add(client_id)
         return Task(
             "train", rnd.number, self.state.version,
             task_seed(self.config.seed, rnd.number, client_id),
@@ -310,6 +315,9 @@ class SyncCoordinator:
             now = self.clock()
             if not self._started_once and self._known_before and now < self._returning_until:
                 waits.append(self._returning_until - now + 0.01)
+            rnd = self._round
+            if rnd is not None and not self._closing and not rnd.pickup_checked:
+                waits.append(max(0.0, rnd.started + self._pickup_seconds() - now) + 0.01)
             if self._round is not None and not self._closing:
                 waits.append(max(0.0, self._round.deadline - self.clock()))
             found = [w for w in waits if w is not None]
@@ -330,6 +338,11 @@ class SyncCoordinator:
                 if self.state.version >= self.config.rounds:
                     return False
                 return self._start_round_locked(self.state.version + 1, attempt=self._attempt)
+            if not rnd.pickup_checked and now >= rnd.started + self._pickup_seconds():
+                rnd.pickup_checked = True
+                if self._replace_absent_locked(rnd):
+                    self.on_change()
+                    return True
             complete = len(rnd.received) == len(rnd.sampled)
             expired = now >= rnd.deadline
             if not complete and not expired:
@@ -348,6 +361,33 @@ class SyncCoordinator:
                 return True
             self._closing = True
         self._close_round(rnd, now)
+        return True
+
+    def _pickup_seconds(self) -> float:
+        """Seconds a sampled client has to pick up its task before it is replaced."""
+        if self.config.pickup_timeout is not None:
+            return self.config.pickup_timeout
+        return min(PICKUP_SECONDS, self.config.round_timeout / 3)
+
+    def _replace_absent_locked(self, rnd: _Round) -> bool:
+        """Swap sampled clients that never picked up their task for others (True if any).
+
+        A client that registered and went silent must not make the round wait for
+        its whole deadline; it takes part again once it polls.
+        """
+        absent = rnd.sampled - rnd.picked - rnd.received.keys()
+        if not absent:
+            return False
+        spare = sorted(c.client_id for c in self._clients
+                       if c.online and not c.dropped and c.client_id not in rnd.sampled)
+        for cid in absent:
+            self._clients[cid].dropped = True
+        rng = rng_for("replace", self.config.seed, rnd.number, rnd.attempt)
+        chosen = ([spare[i] for i in rng.choice(len(spare), size=min(len(absent), len(spare)),
+                                                 replace=False)] if spare else [])
+        rnd.sampled = frozenset((rnd.sampled - absent) | set(chosen))
+        log.warning("round %d: %d sampled client(s) never picked up their task; replaced by "
+                    "%d other(s)", rnd.number, len(absent), len(chosen))
         return True
 
     def _start_round_locked(self, number: int, attempt: int) -> bool:

@@ -125,6 +125,7 @@ def serve(
     from fedlearn.server.app import create_app
     from fedlearn.server.async_coordinator import AsyncCoordinator
     from fedlearn.server.coordinator import SyncCoordinator
+    from fedlearn.server.transport import GuardedH11Protocol
     from fedlearn.tasks.runtime import server_test_data
     from fedlearn.training import Shard, Trainer, initial_state
 
@@ -211,6 +212,7 @@ def serve(
         ssl_certfile=str(options.tls_cert) if options.tls_cert else None,
         ssl_keyfile=str(options.tls_key) if options.tls_key else None,
         timeout_keep_alive=75,
+        http=GuardedH11Protocol,
         limit_concurrency=options.max_connections,
         backlog=4096,
     )
