@@ -102,6 +102,13 @@ def client(
     ca_file: Annotated[
         Path | None, typer.Option("--ca-file", help="PEM certificate to trust (https servers).")
     ] = None,
+    tls_client_cert: Annotated[
+        Path | None, typer.Option("--tls-client-cert", help="Mutual TLS: this client's "
+                                  "certificate (PEM).")
+    ] = None,
+    tls_client_key: Annotated[
+        Path | None, typer.Option("--tls-client-key", help="Mutual TLS: its private key.")
+    ] = None,
     max_retries: Annotated[
         int, typer.Option("--max-retries", help="Retries of a call while the server is down.")
     ] = 30,
@@ -165,8 +172,13 @@ def client(
     def log(line: str) -> None:
         console.print(line, markup=False, highlight=False)
 
+    if (tls_client_cert is None) != (tls_client_key is None):
+        raise ConfigError("--tls-client-cert and --tls-client-key go together; pass both or "
+                          "neither.")
+    pair = None if tls_client_cert is None or tls_client_key is None else (
+        str(tls_client_cert), str(tls_client_key))
     with RemoteServer(config.server, config.token, ca_file=config.ca_file,
-                      poll_wait=config.poll_wait) as remote:
+                      poll_wait=config.poll_wait, client_cert=pair) as remote:
         what = the_task.name if the_task is not None else dataset
         where = data if data is not None else f"partition {partition}"
         console.print(f"client {config.client_id}: {what}, {where} -> {remote.url}",

@@ -230,6 +230,12 @@ def server(
     token_file: TokenFileOpt = None,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(
+        "--tls-client-ca", help="Mutual TLS: only clients with a certificate signed by this "
+        "CA (PEM) may connect.")] = None,
+    pickup_timeout: Annotated[float | None, typer.Option(
+        "--pickup-timeout", help="Seconds a sampled client has to pick up its task before "
+        "another takes its place. [default: min(15, --round-timeout / 3)]")] = None,
 ) -> None:
     """Serve a federated run: clients register, train locally, and send deltas."""
     import os
@@ -244,7 +250,10 @@ def server(
                           "port.")
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together; pass both or neither.")
-    for path in (tls_cert, tls_key):
+    if tls_client_ca is not None and tls_cert is None:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS runs "
+                          "over HTTPS).")
+    for path in (tls_cert, tls_key, tls_client_ca):
         if path is not None:
             try:
                 path.read_bytes()
@@ -261,6 +270,7 @@ def server(
         "max_updates": max_updates, "max_seconds": max_seconds, "eval_every": eval_every,
         "eval_fraction": eval_fraction, "task": task_ref(task),
         "max_update_norm": max_update_norm, "max_clients": max_clients,
+        "pickup_timeout": pickup_timeout,
     }, client_flags(local_epochs, batch_size, optimizer, lr, momentum, weight_decay))
     device = device_name(device)
     if cfg is not None:
@@ -285,7 +295,8 @@ def server(
     summary = serve(
         run, cfg,
         ServeOptions(host=host, port=port, token_file=token_file, tls_cert=tls_cert,
-                     tls_key=tls_key, docs=not no_docs, show_token=sys.stdout.isatty()),
+                     tls_key=tls_key, tls_client_ca=tls_client_ca, docs=not no_docs,
+                     show_token=sys.stdout.isatty()),
         task=the_task, resumed=resumed,
         announce=lambda s: console.print(s, highlight=False, markup=False),
         on_round=on_round, device=device,

@@ -203,6 +203,7 @@ class RemoteServer:
         token: str,
         *,
         ca_file: str | Path | None = None,
+        client_cert: tuple[str, str] | None = None,
         poll_wait: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
@@ -225,6 +226,14 @@ class RemoteServer:
         self.credential: str | None = None
         self.run_id: str | None = None
         verify: ssl.SSLContext | bool = True if ca_file is None else _ssl_context(ca_file)
+        if client_cert is not None:  # mutual TLS: present our certificate to the server
+            if not isinstance(verify, ssl.SSLContext):
+                verify = ssl.create_default_context()
+            try:
+                verify.load_cert_chain(*client_cert)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"cannot use the client certificate {client_cert[0]} ({exc}); "
+                                  "check --tls-client-cert and --tls-client-key.") from exc
         self._client = httpx.Client(
             base_url=self.url,
             verify=verify,

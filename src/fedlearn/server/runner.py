@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -51,6 +52,7 @@ class ServeOptions:
     token_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     docs: bool = True
     show_token: bool = True
     max_connections: int | None = 4096
@@ -211,6 +213,8 @@ def serve(
         log_level="warning",
         ssl_certfile=str(options.tls_cert) if options.tls_cert else None,
         ssl_keyfile=str(options.tls_key) if options.tls_key else None,
+        ssl_ca_certs=str(options.tls_client_ca) if options.tls_client_ca else None,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if options.tls_client_ca else ssl.CERT_NONE,
         timeout_keep_alive=75,
         http=GuardedH11Protocol,
         limit_concurrency=options.max_connections,
