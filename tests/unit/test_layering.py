@@ -14,6 +14,7 @@ CHECKS = [
     ("fedlearn.data", {"torch", "fastapi", "httpx", "fedlearn.cli"}),
     ("fedlearn.training", {"fastapi", "httpx", "uvicorn", "fedlearn.cli"}),
     ("fedlearn.models", {"fastapi", "httpx", "fedlearn.cli"}),
+    ("fedlearn.strategies", {"torch", "fastapi", "httpx", "fedlearn.cli"}),
 ]
 
 
