@@ -1,0 +1,185 @@
+"""The composable :class:`Strategy`: norm bounding, then a rule, then a server optimizer.
+
+A strategy is a frozen configuration; everything that changes between rounds
+lives in the :class:`~fedlearn.strategies.base.ServerState` it is given and
+returns. One round is::
+
+    deltas --clip_norm (optional)--> rule --> D --optimizer--> new weights
+                                                   (SCAFFOLD also moves c)
+
+Integer arrays skip the clip, the rule and the optimizer and move by the
+integer rule of the package docstring. Build strategies with
+:func:`fedlearn.strategies.spec.parse_strategy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedlearn.strategies.base import (
+    ServerState,
+    Update,
+    cast,
+    check_like,
+    check_updates,
+    copy_weights,
+    is_float,
+)
+from fedlearn.strategies.robust import Rule, clip_norm
+from fedlearn.strategies.scaffold import CONTROL, DELTA_C, init_control, server_control_update
+from fedlearn.strategies.server_opt import OptState, ServerOptimizer
+from fedlearn.types import Weights
+from fedlearn.weights import RunningSum
+
+#: Scalar key of the optimizer's step count in :attr:`ServerState.scalars`.
+OPT_STEP = "opt/step"
+#: Array group of SCAFFOLD's server control variate in :attr:`ServerState.arrays`.
+SCAFFOLD_C = "scaffold/c"
+ClientConfig = dict[str, float | int | str]
+
+
+def _opt_group(moment: str) -> str:
+    return f"opt/{moment}"
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A strategy configuration; all state lives in :class:`ServerState`.
+
+    ``clip`` bounds each client delta's global L2 norm before the rule;
+    ``prox_mu`` is sent to clients as FedProx's proximal coefficient;
+    ``scaffold`` adds SCAFFOLD's control variates (the rule must then be the
+    plain mean).
+    """
+
+    name: str
+    rule: Rule = field(default_factory=Rule)
+    optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
+    clip: float | None = None
+    prox_mu: float | None = None
+    scaffold: bool = False
+
+    def __post_init__(self) -> None:
+        if self.clip is not None and not (np.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"clip norm must be positive, got {self.clip}")
+        if self.prox_mu is not None and not (np.isfinite(self.prox_mu) and self.prox_mu >= 0):
+            raise ValueError(f"prox_mu must be 0 or more, got {self.prox_mu}")
+        if self.scaffold and (self.rule.kind != "mean" or self.optimizer.kind != "sgd"):
+            raise ValueError("scaffold combines with the plain mean and sgd only")
+
+    @property
+    def needs_all(self) -> bool:
+        """True when the engine must buffer the round's K updates (memory: K deltas).
+
+        False only for the example-weighted mean without clipping or SCAFFOLD:
+        then the engine folds each delta into a RunningSum as it arrives
+        (memory: one model) and calls :meth:`aggregate_sum`.
+        """
+        return not self.rule.streams or self.clip is not None or self.scaffold
+
+    def init(self, weights: Weights) -> ServerState:
+        """The state before round 1: a copy of ``weights`` and fresh optimizer/SCAFFOLD state."""
+        opt = self.optimizer.init(weights)
+        arrays = {_opt_group(n): m for n, m in opt.moments.items()}
+        if self.scaffold:
+            arrays[SCAFFOLD_C] = init_control(weights)
+        return ServerState(weights=copy_weights(weights), version=0, arrays=arrays,
+                           scalars={OPT_STEP: opt.step})
+
+    def client_config(self, state: ServerState, round_number: int) -> ClientConfig:
+        """Settings for the clients' local training this round.
+
+        ``{"prox_mu": mu}`` adds FedProx's ``mu/2 ||w - w_global||^2`` to the
+        local loss; ``{"scaffold": 1}`` asks for SCAFFOLD's corrected gradient
+        and an ``extra["delta_c"]`` in the update.
+        """
+        config: ClientConfig = {}
+        if self.prox_mu is not None:
+            config["prox_mu"] = self.prox_mu
+        if self.scaffold:
+            config["scaffold"] = 1
+        return config
+
+    def client_arrays(self, state: ServerState) -> dict[str, Weights]:
+        """Extra arrays sent to clients with the model: SCAFFOLD's ``{"c": c}``, else none."""
+        if not self.scaffold:
+            return {}
+        return {CONTROL: copy_weights(self._arrays(state, SCAFFOLD_C))}
+
+    def aggregate(self, state: ServerState, updates: Sequence[Update], *,
+                  num_clients: int) -> ServerState:
+        """The state after a round with these ``updates`` from ``num_clients`` clients in all.
+
+        Clips each delta (when ``clip`` is set), aggregates the float arrays
+        with the rule and steps the optimizer; ``version`` goes up by one.
+        Raises ValueError (a :class:`~fedlearn.strategies.robust.NotEnoughUpdatesError`
+        for too few updates) for a round that cannot be aggregated.
+        """
+        check_updates(state.weights, updates)
+        if num_clients < len(updates):
+            raise ValueError(f"num_clients ({num_clients}) is less than the {len(updates)} "
+                             "updates of the round")
+        if self.clip is not None:
+            clip = self.clip
+            updates = [Update(clip_norm(u.delta, clip)[0], u.num_examples, u.extra, u.client_id)
+                       for u in updates]
+        control = None
+        if self.scaffold:
+            control = server_control_update(
+                self._arrays(state, SCAFFOLD_C), [_delta_c(u) for u in updates],
+                num_clients=num_clients)
+        return self._advance(state, self.rule.apply(updates), control)
+
+    def aggregate_sum(self, state: ServerState, total: RunningSum, *, num_clients: int,
+                      count: int) -> ServerState:
+        """Like :meth:`aggregate`, from a RunningSum of the round's deltas.
+
+        ``total`` must hold each of the ``count`` deltas added with its
+        ``num_examples`` as the factor. Only for strategies whose
+        ``needs_all`` is False; the result equals :meth:`aggregate` on the same
+        updates bit for bit.
+        """
+        if self.needs_all:
+            raise ValueError(f"strategy {self.name!r} needs every update of the round; "
+                             "call aggregate with the buffered updates")
+        if count < 1 or total.count != count:
+            raise ValueError(f"the running sum holds {total.count} updates but count is {count}")
+        if num_clients < count:
+            raise ValueError(f"num_clients ({num_clients}) is less than the {count} updates "
+                             "of the round")
+        delta = total.mean()
+        check_like(state.weights, delta, "the running sum")
+        return self._advance(state, delta, None)
+
+    def _arrays(self, state: ServerState, group: str) -> Weights:
+        try:
+            return state.arrays[group]
+        except KeyError:
+            raise ValueError(f"the state has no {group!r} arrays; strategy {self.name!r} needs "
+                             "a state from its own init") from None
+
+    def _advance(self, state: ServerState, delta: Weights, control: Weights | None) -> ServerState:
+        moments = {n: self._arrays(state, _opt_group(n)) for n in self.optimizer.moment_names}
+        opt = OptState(moments=moments, step=int(state.scalars.get(OPT_STEP, 0)))
+        weights, opt = self.optimizer.step(state.weights, delta, opt)
+        for k, w in state.weights.items():
+            if not is_float(w):
+                weights[k] = cast(w + delta[k], w.dtype)
+        arrays = {g: a for g, a in state.arrays.items() if not g.startswith("opt/")}
+        arrays.update({_opt_group(n): m for n, m in opt.moments.items()})
+        if control is not None:
+            arrays[SCAFFOLD_C] = control
+        return ServerState(weights=weights, version=state.version + 1, arrays=arrays,
+                           scalars={**state.scalars, OPT_STEP: opt.step})
+
+
+def _delta_c(update: Update) -> Weights:
+    try:
+        return update.extra[DELTA_C]
+    except KeyError:
+        who = f"update from {update.client_id!r}" if update.client_id else "an update"
+        raise ValueError(f"{who} has no extra[{DELTA_C!r}]; scaffold clients must send their "
+                         "control-variate delta") from None
