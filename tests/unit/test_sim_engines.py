@@ -226,9 +226,28 @@ def test_vectorized_falls_back_for_a_model_it_cannot_stack() -> None:
     y = torch.zeros(4, dtype=torch.int64)
     eng = make_engine("vectorized", cnn, x, y, cfg, log=lines.append)
     assert isinstance(eng, SequentialEngine)
-    assert len(lines) == 1 and "sequential" in lines[0] and "CNN" in lines[0]
+    assert len(lines) == 1 and "sequential" in lines[0] and "convolutions" in lines[0]
     ups = eng.train_round(get_weights(cnn), [ClientTask("a", np.arange(4), 0)], cfg)
     assert ups[0].num_examples == 4
+
+
+def test_vectorized_stacks_any_model_without_convolutions_on_the_cpu() -> None:
+    from fedlearn.sim.functional import FunctionalEngine
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8),
+                              torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x, y = toy_data(40)
+    lines: list[str] = []
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, batch_size=8)
+    eng = make_engine("vectorized", net, x, y, cfg, log=lines.append)
+    assert isinstance(eng, FunctionalEngine), lines
+    seq = make_engine("sequential", net, x, y, cfg)
+    tasks = [ClientTask("a", np.arange(0, 20), 1), ClientTask("b", np.arange(20, 33), 2)]
+    start = get_weights(net)
+    for got, want in zip(eng.train_round(start, tasks, cfg), seq.train_round(start, tasks, cfg),
+                         strict=True):
+        for k in want.delta:
+            np.testing.assert_allclose(got.delta[k], want.delta[k], atol=1e-5, err_msg=k)
 
 
 def test_vectorized_takes_the_mlp_with_either_optimizer() -> None:

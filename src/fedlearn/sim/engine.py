@@ -140,19 +140,37 @@ def make_engine(
         raise ConfigError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}.")
     trainer = Trainer(task, seed=seed, device=device)
     if name == "vectorized":
-        why = None
-        if task.train is not None or task.optimizer is not None:
-            why = "the task trains with its own function or optimizer"
-        elif task.loss_name != "cross_entropy":
-            why = f"it only trains the cross-entropy loss, not {task.loss_name or 'a custom one'}"
-        elif trainer.model is None:
-            why = "the task has no torch model"
-        else:
-            why = unsupported_reason(trainer.model, config)
+        why = _vectorized_reason(task, trainer, config)
+        if why is None and trainer.model is not None and task.loss_name == "cross_entropy" \
+                and unsupported_reason(trainer.model, config) is None:
+            return VectorizedEngine(trainer.model, x, y)  # the hand-written mlp: fastest
         if why is None and trainer.model is not None:
-            return VectorizedEngine(trainer.model, x, y)
+            from fedlearn.sim.functional import FunctionalEngine, functional_unsupported_reason
+            from fedlearn.training import per_sample_loss
+
+            loss = per_sample_loss(task)
+            why = functional_unsupported_reason(trainer.model, config, x=x[:4], y=y[:4],
+                                                loss=loss)
+            if why is None:
+                return FunctionalEngine(trainer.model, x, y, loss=loss, log=log)
         log(f"note: the vectorized engine cannot run this ({why}); using the sequential engine.")
     return SequentialEngine(trainer, x, y)
+
+
+def _vectorized_reason(task: Task, trainer: Any, config: TrainConfig) -> str | None:
+    """Why the stacked engines cannot train ``task`` here (None when they can try)."""
+    if task.train is not None or task.optimizer is not None:
+        return "the task trains with its own function or optimizer"
+    if trainer.model is None:
+        return "the task has no torch model"
+    if task.loss_name is None:
+        return "the task's loss is its own function"
+    convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in trainer.model.modules())
+    if convs and trainer.device == "cpu":
+        # Measured here: stacked convolutions ran 0.8x as fast as one client after another
+        # on a 2-core CPU (benchmarks/vectorized_probe.py); they pay off on a GPU.
+        return "on the CPU its stacked convolutions are slower than one client after another"
+    return None
 
 
 def client_ids(clients: int) -> list[str]:
