@@ -21,10 +21,17 @@ import torch
 from torch import nn
 
 from fedlearn.config import TrainConfig
-from fedlearn.errors import ConfigError, FedlearnError, ModelError
+from fedlearn.errors import ConfigError, ModelError
 from fedlearn.metrics import BY_NAME
 from fedlearn.models import get_weights, set_weights
-from fedlearn.tasks.base import Data, EvalContext, Task, TrainContext, TrainResult
+from fedlearn.tasks.base import (
+    Data,
+    EvalContext,
+    Task,
+    TrainContext,
+    TrainResult,
+    user_call,
+)
 from fedlearn.types import ClientResult, EvalResult, Weights
 from fedlearn.weights import check, spec_of, subtract
 
@@ -104,13 +111,8 @@ def build_task_model(task: Task, seed: int) -> nn.Module:
         raise ModelError(f"task {task.name!r} has no torch model.")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try:
-            model = task.model()
-        except FedlearnError:
-            raise
-        except Exception as exc:
-            raise ModelError(f"task {task.name!r}: its model factory raised "
-                             f"{type(exc).__name__}: {exc}; fix the model.") from exc
+        model = user_call(task.name, "its model factory", task.model, error=ModelError,
+                          hint="fix the model")
     if not isinstance(model, nn.Module):
         raise ModelError(f"task {task.name!r}: its model factory returned a "
                          f"{type(model).__name__}, not a torch nn.Module.")
@@ -120,13 +122,7 @@ def build_task_model(task: Task, seed: int) -> nn.Module:
 def initial_state(task: Task, seed: int) -> Weights:
     """The task's state before round 1: the seeded model's state_dict, or ``init(seed)``."""
     if task.init is not None:
-        try:
-            state = task.init(seed)
-        except FedlearnError:
-            raise
-        except Exception as exc:
-            raise ModelError(f"task {task.name!r}: init({seed}) raised "
-                             f"{type(exc).__name__}: {exc}.") from exc
+        state = user_call(task.name, f"init({seed})", task.init, seed, error=ModelError)
         if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()
         ):
@@ -309,13 +305,7 @@ class Trainer:
                            device=self.device)
         if task.train is None:  # pragma: no cover - checked by the caller
             raise ConfigError("no train function")
-        try:
-            out = task.train(ctx)
-        except FedlearnError:
-            raise
-        except Exception as exc:
-            raise ConfigError(f"task {task.name!r}: train raised {type(exc).__name__}: "
-                              f"{exc}.") from exc
+        out = user_call(task.name, "train", task.train, ctx)
         num, metrics = len(data), {}
         if out is None and self.model is not None:
             new = get_weights(self.model)
@@ -340,13 +330,7 @@ class Trainer:
         if task.evaluate is not None:
             ctx = EvalContext(weights=weights, data=shard.numpy(), model=self.model,
                               device=self.device)
-            try:
-                found = dict(task.evaluate(ctx))
-            except FedlearnError:
-                raise
-            except Exception as exc:
-                raise ConfigError(f"task {task.name!r}: evaluate raised "
-                                  f"{type(exc).__name__}: {exc}.") from exc
+            found = dict(user_call(task.name, "evaluate", task.evaluate, ctx))
             return EvalResult({k: float(v) for k, v in found.items()}, len(shard))
         if self.model is None or self.loss is None:
             raise ConfigError(f"task {task.name!r} has no model and no evaluate function; "

@@ -14,14 +14,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from fedlearn.errors import ConfigError
+from fedlearn.errors import ConfigError, FedlearnError
 from fedlearn.types import Weights
 
 KINDS = ("classification", "regression")
+T = TypeVar("T")
 LOSSES = ("cross_entropy", "mse", "l1", "bce")
 METRICS = ("accuracy", "mse", "mae", "rmse", "auc")
 
@@ -208,3 +209,17 @@ class Task:
     def uses_torch(self) -> bool:
         """True when the task's state comes from a torch model."""
         return self.model is not None
+
+
+def user_call(
+    task_name: str, what: str, fn: Callable[..., T], *args: Any,
+    error: type[FedlearnError] = ConfigError, hint: str = "",
+) -> T:
+    """``fn(*args)`` from a user's task; any exception but ours becomes one ``error`` sentence."""
+    try:
+        return fn(*args)
+    except FedlearnError:
+        raise
+    except Exception as exc:
+        raise error(f"task {task_name!r}: {what} raised {type(exc).__name__}: {exc}"
+                    f"{'; ' + hint if hint else ''}.") from exc

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from fedlearn.errors import ConfigError, DatasetError, FedlearnError
-from fedlearn.tasks.base import ClientData, Data, DataContext, Task
+from fedlearn.errors import ConfigError, DatasetError
+from fedlearn.tasks.base import ClientData, Data, DataContext, Task, user_call
 
 
 def expand_path(template: str | Path | None, index: int | None) -> Path | None:
@@ -84,13 +84,9 @@ def default_data(task: Task, ctx: DataContext) -> ClientData:
 
 def load_client_data(task: Task, ctx: DataContext) -> ClientData:
     """The party's data for ``task``, checked; every problem is one FedlearnError sentence."""
-    try:
-        data = task.data(ctx) if task.data is not None else default_data(task, ctx)
-    except FedlearnError:
-        raise
-    except Exception as exc:
-        raise DatasetError(f"task {task.name!r}: loading the data raised "
-                           f"{type(exc).__name__}: {exc}.") from exc
+    data = user_call(task.name, "loading the data",
+                     task.data if task.data is not None else lambda c: default_data(task, c),
+                     ctx, error=DatasetError)
     if isinstance(data, Data):
         data = with_local_test(ClientData(data), ctx)
     if not isinstance(data, ClientData):
@@ -130,13 +126,7 @@ def server_test_data(task: Task) -> Data | None:
     """The task's server-side test set, or None (federated evaluation only)."""
     if task.test_data is None:
         return None
-    try:
-        data = task.test_data()
-    except FedlearnError:
-        raise
-    except Exception as exc:
-        raise DatasetError(f"task {task.name!r}: test_data() raised "
-                           f"{type(exc).__name__}: {exc}.") from exc
+    data = user_call(task.name, "test_data()", task.test_data, error=DatasetError)
     if data is not None:
         check_targets(task, data)
     return data
