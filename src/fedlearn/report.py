@@ -14,29 +14,51 @@ import matplotlib.pyplot as plt
 X_KEYS = ("round", "update", "epoch")
 
 
-def plot_metrics(records: Sequence[Mapping[str, Any]], path: Path, *, title: str) -> None:
-    """Plot test accuracy and loss against round (or update) to ``path``.
+def _score_key(records: Sequence[Mapping[str, Any]], prefix: str) -> str | None:
+    """The metric to plot on the left: accuracy when measured, else the first other one."""
+    keys = [k for r in records for k in r if k.startswith(prefix)
+            and k not in (f"{prefix}loss", f"{prefix}clients", f"{prefix}examples")]
+    names = [k[len(prefix):] for k in dict.fromkeys(keys)]
+    if prefix == "":
+        names = [n for n in names if n in ("accuracy", "mse", "mae", "rmse", "auc")]
+    if not names:
+        return None
+    return prefix + ("accuracy" if "accuracy" in names else names[0])
 
-    Records with a ``client`` field are drawn as one line per client.
+
+def plot_metrics(records: Sequence[Mapping[str, Any]], path: Path, *, title: str) -> None:
+    """Plot the test score (accuracy, or the task's first metric) and loss against round
+    (or update) to ``path``: the server's own evaluation ("global") and the clients'
+    federated evaluation ("federated"). Records with a ``client`` field are drawn as one
+    line per client.
     """
     series: dict[str, tuple[list[float], list[float], list[float]]] = {}
     xlabel = "round"
-    for r in records:
-        xkey = next((k for k in X_KEYS if k in r), None)
-        if xkey is None or r.get("accuracy") is None:
+    ylabel = "test accuracy (%)"
+    for prefix, name in (("", "global"), ("fed_", "federated")):
+        key = _score_key(records, prefix)
+        if key is None:
             continue
-        xlabel = xkey
-        label = f"client {r['client']}" if "client" in r else "global"
-        xs, accs, losses = series.setdefault(label, ([], [], []))
-        xs.append(float(r[xkey]))
-        accs.append(100.0 * float(r["accuracy"]))
-        losses.append(float(r["loss"]) if r.get("loss") is not None else float("nan"))
+        scale = 100.0 if key.endswith("accuracy") else 1.0
+        if prefix == "" or not series:
+            ylabel = f"test {key.removeprefix(prefix)}{' (%)' if scale == 100.0 else ''}"
+        for r in records:
+            xkey = next((k for k in X_KEYS if k in r), None)
+            if xkey is None or r.get(key) is None:
+                continue
+            xlabel = xkey
+            label = f"client {r['client']}" if "client" in r else name
+            xs, accs, losses = series.setdefault(label, ([], [], []))
+            xs.append(float(r[xkey]))
+            accs.append(scale * float(r[key]))
+            loss = r.get(f"{prefix}loss")
+            losses.append(float(loss) if loss is not None else float("nan"))
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     for label, (xs, accs, losses) in series.items():
         ax_acc.plot(xs, accs, marker="o", markersize=3, label=label)
         ax_loss.plot(xs, losses, marker="o", markersize=3, label=label)
     ax_acc.set_xlabel(xlabel)
-    ax_acc.set_ylabel("test accuracy (%)")
+    ax_acc.set_ylabel(ylabel)
     ax_loss.set_xlabel(xlabel)
     ax_loss.set_ylabel("test loss")
     for ax in (ax_acc, ax_loss):

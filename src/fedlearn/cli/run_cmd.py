@@ -202,6 +202,14 @@ def run(
     try:
         spawn("server", server_cmd)
         url = _wait_for_endpoint(run_dir, procs["server"])
+        # config.toml (written by the server) also records how the clients were started.
+        from fedlearn.runs import RunDir
+
+        recorded = RunDir(run_dir)
+        recorded.write_config({**recorded.read_config(), "clients": {
+            "count": clients, "partition": partition, "data": data, "label": label,
+            "test_fraction": test_fraction, "device": device, "partition_seed": seed,
+            "concurrency": slots, "slowdown": {str(k): v for k, v in slow.items()}}})
         console.print(f"server at {url} (logs in {logs})")
         for i in range(clients):
             local_data = [] if data is None else ["--data", data.replace("{i}", str(i))]
