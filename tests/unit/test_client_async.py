@@ -61,7 +61,7 @@ class FakeAsyncServer:
     def register(
         self, client_id: str, num_examples: int | None, *,
         num_test_examples: int | None = None, task: Mapping[str, Any] | None = None,
-        credential: str | None = None,
+        credential: str | None = None, claim: str | None = None,
     ) -> Registration:
         self._enter("register")
         return Registration(client_id=client_id, credential="cred", run_id="run-1",

@@ -139,7 +139,7 @@ class FakeServer:
     def register(
         self, client_id: str, num_examples: int | None, *,
         num_test_examples: int | None = None, task: Mapping[str, Any] | None = None,
-        credential: str | None = None,
+        credential: str | None = None, claim: str | None = None,
     ) -> Registration:
         self._enter("register")
         self.registrations.append((client_id, num_examples, num_test_examples,

@@ -155,3 +155,29 @@ def test_sampled_clients_that_never_pick_up_their_task_are_replaced_in_seconds(
         h.coord.submit(cid, 1, vec(1.0, 1.0), 1)
     assert h.coord.step()
     assert h.coord.status()["version"] == 1  # closed long before the 600 s deadline
+
+
+def test_a_retried_registration_with_the_same_claim_is_the_same_client(
+    tmp_path: Path, stores: list[Store],
+) -> None:
+    h = Harness(tmp_path, stores)
+    first = h.coord.register("a", 10, claim="my-own-secret")  # the answer is lost ...
+    again = h.coord.register("a", 10, claim="my-own-secret")  # ... so the client retries
+    assert h.coord.authenticate(again) == "a"
+    with pytest.raises(ConflictError, match="already registered"):
+        h.coord.register("a", 10, claim="a-guess")
+    assert first != again
+
+
+def test_a_client_keeps_its_identity_in_a_private_file(tmp_path: Path) -> None:
+    import stat
+
+    from fedlearn.client.worker import load_identity, save_identity
+
+    path = tmp_path / "creds" / "a.json"
+    first = load_identity(str(path), "a")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and "credential" not in first
+    save_identity(str(path), {**first, "credential": "c1"})
+    again = load_identity(str(path), "a")
+    assert again["claim"] == first["claim"] and again["credential"] == "c1"
+    assert load_identity(str(path), "b")["claim"] != first["claim"]  # another id: a new one

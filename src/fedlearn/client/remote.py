@@ -307,7 +307,7 @@ class RemoteServer:
     def register(
         self, client_id: str, num_examples: int | None, *,
         num_test_examples: int | None = None, task: Mapping[str, Any] | None = None,
-        credential: str | None = None,
+        credential: str | None = None, claim: str | None = None,
     ) -> Registration:
         """``POST /api/register`` with the join token; keeps and returns the credential.
 
@@ -317,6 +317,8 @@ class RemoteServer:
         payload: dict[str, Any] = {"client_id": client_id}
         if credential is not None:
             payload["credential"] = credential
+        if claim is not None:  # this client's own secret: a retried registration is ours
+            payload["claim"] = claim
         if num_examples is not None:
             payload["num_examples"] = int(num_examples)
         if num_test_examples is not None:

@@ -42,9 +42,10 @@ class Remote(Protocol):
     def register(
         self, client_id: str, num_examples: int | None, *,
         num_test_examples: int | None = None, task: Mapping[str, Any] | None = None,
-        credential: str | None = None,
+        credential: str | None = None, claim: str | None = None,
     ) -> Registration:
-        """Register (``credential``: this id's current one) and keep the new credential."""
+        """Register (``credential``: this id's current one; ``claim``: its own secret) and
+        keep the new credential."""
         ...
 
     def next_task(self, wait: float) -> Task:
@@ -201,25 +202,29 @@ def run_worker(
             worker.local.close()
 
 
-def read_credential(path: str | None, client_id: str) -> str | None:
-    """The credential this client id holds from an earlier registration, if any."""
+def load_identity(path: str | None, client_id: str) -> dict[str, str]:
+    """This client's kept identity: ``claim`` (a secret made before its first registration,
+    so a retried registration is known as its own) and ``credential`` once it has one."""
     import json
+    import secrets
     from pathlib import Path
 
-    if path is None:
-        return None
-    try:
-        saved = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(saved, dict) or saved.get("client_id") != client_id:
-        return None
-    value = saved.get("credential")
-    return value if isinstance(value, str) else None
+    saved: object = None
+    if path is not None:
+        try:
+            saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+    if isinstance(saved, dict) and saved.get("client_id") == client_id and isinstance(
+            saved.get("claim"), str):
+        return {k: v for k, v in saved.items() if isinstance(v, str)}
+    identity = {"client_id": client_id, "claim": secrets.token_urlsafe(32)}
+    save_identity(path, identity)
+    return identity
 
 
-def write_credential(path: str | None, reg: Registration) -> None:
-    """Keep the credential (mode 0600) so a restarted client takes its identity back."""
+def save_identity(path: str | None, identity: dict[str, str]) -> None:
+    """Keep the identity (mode 0600) so a restarted client takes it back."""
     import json
     import os
     from pathlib import Path
@@ -231,8 +236,7 @@ def write_credential(path: str | None, reg: Registration) -> None:
     tmp = target.with_name(target.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump({"client_id": reg.client_id, "run_id": reg.run_id,
-                   "credential": reg.credential}, fh)
+        json.dump(identity, fh)
     os.replace(tmp, target)
 
 
@@ -329,12 +333,14 @@ class _Worker:
         """Register (with retries), refusing a server whose task is not ours."""
         from fedlearn.weights import spec_to_json
 
-        saved = read_credential(self.config.credential_file, self.config.client_id)
+        identity = load_identity(self.config.credential_file, self.config.client_id)
+        claim = identity["claim"]
         if self.task is None:
             # The built-in model the server names, on our --dataset.
-            first = self.call(lambda: self.remote.register(self.config.client_id, None,
-                                                           credential=saved))
-            saved = first.credential
+            first = self.call(lambda: self.remote.register(
+                self.config.client_id, None, credential=identity.get("credential"),
+                claim=claim))
+            identity["credential"] = first.credential
             from fedlearn.tasks.builtin import builtin_task
 
             if first.dataset.lower() != self.config.dataset.lower():
@@ -347,12 +353,14 @@ class _Worker:
         local = self.local
         if local is None:  # pragma: no cover - prepare() sets it
             raise ConfigError("no task to train.")
-        identity = None if local.trainer is None else {
+        spec = None if local.trainer is None else {
             "name": self.task.name, "spec": spec_to_json(local.trainer.spec)}
         reg = self.call(lambda: self.remote.register(
             self.config.client_id, local.num_examples,
-            num_test_examples=local.num_test_examples, task=identity, credential=saved))
-        write_credential(self.config.credential_file, reg)
+            num_test_examples=local.num_test_examples, task=spec, credential=identity.get(
+                "credential"), claim=claim))
+        save_identity(self.config.credential_file, {**identity, "credential": reg.credential,
+                                                     "run_id": reg.run_id})
         self.server_config = dict(reg.config)
         self.cached = None
         self.mode = reg.mode

@@ -57,6 +57,7 @@ REGISTER_SCHEMA = {
         "num_examples": {"type": "integer", "minimum": 0, "maximum": 10**12},
         "num_test_examples": {"type": "integer", "minimum": 0, "maximum": 10**12},
         "credential": {"type": "string"},
+        "claim": {"type": "string"},
         "task": {"type": "object", "properties": {
             "name": {"type": "string"},
             "spec": {"type": "object", "additionalProperties": _SPEC_ENTRY}}},
@@ -239,13 +240,13 @@ def create_app(
             task_name = task_info.get("name")
             if task_info.get("spec") is not None:
                 identity = spec_from_json(task_info["spec"])
-        old = payload.get("credential")
-        if old is not None and not isinstance(old, str):
-            raise PayloadError("credential must be a string.")
+        old, claim = payload.get("credential"), payload.get("claim")
+        if any(v is not None and not isinstance(v, str) for v in (old, claim)):
+            raise PayloadError("credential and claim must be strings.")
         credential = await run_in_threadpool(
             lambda: coordinator.register(payload["client_id"], n, num_test_examples=n_test,
                                          identity=identity, task_name=task_name,
-                                         credential=old))
+                                         credential=old, claim=claim))
         cfg = coordinator.config
         run_length: dict[str, Any] = (
             {"rounds": 0, "max_updates": cfg.max_updates, "max_seconds": cfg.max_seconds,

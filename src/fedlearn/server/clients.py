@@ -50,6 +50,7 @@ class ClientRegistry:
         self.store = store
         self._clients: dict[str, ClientRecord] = {}
         self._by_credential: dict[str, str] = {}
+        self._claims: dict[str, str] = dict(store.get_meta("claims", {}) or {})
         for row in store.clients():
             self._add(ClientRecord(row.client_id, row.credential_hash, row.num_examples))
 
@@ -78,18 +79,36 @@ class ClientRegistry:
         self._add(ClientRecord(client_id, digest, num_examples, online=True, last_seen=now,
                                num_test_examples=num_test_examples))
 
-    def check_claim(self, client_id: str, credential: str | None, max_clients: int) -> None:
-        """Refuse taking over a registered id without its credential, or a client too many."""
+    def check_claim(
+        self, client_id: str, credential: str | None, max_clients: int,
+        claim: str | None = None,
+    ) -> None:
+        """Refuse taking over a registered id, or a client too many.
+
+        A registered id is taken back with its current ``credential``, or with the
+        ``claim`` secret it registered with first (a client whose registration answer
+        was lost retries with the same claim, kept in its credential file).
+        """
         old = self._clients.get(client_id)
         if old is None:
             if len(self._clients) >= max_clients:
                 raise ConflictError(f"this run already has its {max_clients} clients "
                                     "(--max-clients); no more can join.")
             return
-        if credential is None or hash_secret(credential) != old.credential_hash:
-            raise ConflictError(
-                f"client id {client_id!r} is already registered; restart that client with "
-                "its credential file, or use another --client-id.")
+        if credential is not None and hash_secret(credential) == old.credential_hash:
+            return
+        known = self._claims.get(client_id)
+        if claim is not None and known is not None and hash_secret(claim) == known:
+            return
+        raise ConflictError(
+            f"client id {client_id!r} is already registered; restart that client with "
+            "its credential file, or use another --client-id.")
+
+    def remember_claim(self, client_id: str, claim: str | None) -> None:
+        """Keep (the hash of) the claim secret a client first registered with."""
+        if claim is not None and client_id not in self._claims:
+            self._claims[client_id] = hash_secret(claim)
+            self.store.set_meta("claims", self._claims)
 
     def authenticate(self, credential: str) -> str:
         """The client id a credential belongs to; AuthError if none."""

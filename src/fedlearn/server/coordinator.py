@@ -158,7 +158,7 @@ class SyncCoordinator:
     def register(
         self, client_id: str, num_examples: int | None = None, *,
         num_test_examples: int | None = None, identity: Spec | None = None,
-        task_name: str | None = None, credential: str | None = None,
+        task_name: str | None = None, credential: str | None = None, claim: str | None = None,
     ) -> str:
         """Register (or re-register) a client; returns its new credential.
 
@@ -168,7 +168,8 @@ class SyncCoordinator:
         """
         check_identity(self.spec, self.task_name, identity, task_name)
         with self._lock:
-            self._clients.check_claim(client_id, credential, self.config.max_clients)
+            self._clients.check_claim(client_id, credential, self.config.max_clients, claim)
+            self._clients.remember_claim(client_id, claim)
         credential, digest = ClientRegistry.new_credential(client_id)
         self._clients.save(client_id, digest, num_examples)
         with self._lock:
