@@ -191,6 +191,7 @@ class ServerConfig:
     max_update_norm: float | None = None
     max_clients: int = 10_000
     pickup_timeout: float | None = None
+    clients_file: str | None = None
     mode: str = "sync"
     async_policy: str = "fedasync"
     async_alpha: float = 0.6

@@ -58,7 +58,8 @@ def one_sentence(response: httpx.Response, status: int) -> str:
 
 def build(
     tmp_path: Path, stores: list[Store], *, max_update_bytes: int | None = None,
-    on_done: Callable[[], None] | None = None, **config: Any,
+    on_done: Callable[[], None] | None = None, allowed: dict[str, str] | None = None,
+    **config: Any,
 ) -> tuple[FastAPI, SyncCoordinator]:
     settings: dict[str, Any] = {"rounds": 2, "min_clients": 2, "round_timeout": 120.0, "seed": 3,
                                 "dataset": "toy", "model": "pair"}
@@ -69,7 +70,7 @@ def build(
         ServerConfig(**settings), vec(*INITIAL_W), store=store, evaluator=evaluator
     )
     app = create_app(coord, join_token=TOKEN, run_id=RUN_ID, max_update_bytes=max_update_bytes,
-                     on_done=on_done)
+                     on_done=on_done, allowed=allowed)
     return app, coord
 
 

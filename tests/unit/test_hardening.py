@@ -181,3 +181,35 @@ def test_a_client_keeps_its_identity_in_a_private_file(tmp_path: Path) -> None:
     again = load_identity(str(path), "a")
     assert again["claim"] == first["claim"] and again["credential"] == "c1"
     assert load_identity(str(path), "b")["claim"] != first["claim"]  # another id: a new one
+
+
+def test_a_clients_file_admits_only_listed_clients_with_their_own_tokens(
+    tmp_path: Path, stores: list[Store],
+) -> None:
+    import hashlib
+
+    from fedlearn.server.runner import read_clients_file
+
+    listing = tmp_path / "clients.txt"
+    listing.write_text("# who may join\nhospital-a " +
+                       hashlib.sha256(b"token-of-a").hexdigest() + "\n")
+    allowed = read_clients_file(listing)
+    app, _ = build(tmp_path, stores, allowed=allowed)
+
+    async def scenario() -> None:
+        async with serve_app(app) as client:
+            async def reg(cid: str, token: str) -> int:
+                response = await client.post("/api/register", json={"client_id": cid},
+                                             headers=bearer(token))
+                return response.status_code
+
+            assert await reg("hospital-a", "token-of-a") == 200
+            assert await reg("hospital-a", TOKEN) == 401  # the join token admits nobody
+            assert await reg("hospital-b", "token-of-a") == 401  # not listed
+            assert await reg("hospital-a", "guess") == 401
+
+    run(scenario)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("hospital-a not-a-hash\n")
+    with pytest.raises(Exception, match="SHA256"):
+        read_clients_file(bad)

@@ -233,6 +233,10 @@ def server(
     tls_client_ca: Annotated[Path | None, typer.Option(
         "--tls-client-ca", help="Mutual TLS: only clients with a certificate signed by this "
         "CA (PEM) may connect.")] = None,
+    clients_file: Annotated[Path | None, typer.Option(
+        "--clients-file", help="Only these clients may join: lines 'CLIENT_ID SHA256' of "
+        "each client's own token (which it passes as --token); the join token then admits "
+        "nobody.")] = None,
     pickup_timeout: Annotated[float | None, typer.Option(
         "--pickup-timeout", help="Seconds a sampled client has to pick up its task before "
         "another takes its place. [default: min(15, --round-timeout / 3)]")] = None,
@@ -271,10 +275,15 @@ def server(
         "eval_fraction": eval_fraction, "task": task_ref(task),
         "max_update_norm": max_update_norm, "max_clients": max_clients,
         "pickup_timeout": pickup_timeout,
+        "clients_file": None if clients_file is None else str(clients_file.resolve()),
     }, client_flags(local_epochs, batch_size, optimizer, lr, momentum, weight_decay))
     device = device_name(device)
     if cfg is not None:
         task_of(cfg)  # a missing or broken task fails here, before the run directory exists
+        if cfg.clients_file is not None:
+            from fedlearn.server.runner import read_clients_file
+
+            read_clients_file(Path(cfg.clients_file))
     run, cfg, resumed = prepare_run(cfg, out, resume)
     the_task = task_of(cfg)
 

@@ -109,11 +109,14 @@ def create_app(
     max_update_bytes: int | None = None,
     on_done: Any = None,
     docs: bool = True,
+    allowed: dict[str, str] | None = None,
 ) -> FastAPI:
     """A FastAPI app serving the protocol of docs/protocol.md for ``coordinator``.
 
     The coordinator's mode decides what ``POST /api/update`` takes: ``round=R``
     (sync) or ``version=V``, the version the delta was trained from (async).
+    ``allowed`` (client id -> SHA-256 of its token, from ``--clients-file``) replaces
+    the join token: only those clients, each with its own token, may register.
     """
     hub = Hub()
     asynchronous = isinstance(coordinator, AsyncCoordinator)
@@ -202,9 +205,21 @@ def create_app(
             status_code=422,
         )
 
-    def join_auth(authorization: Annotated[str | None, Header()] = None) -> None:
-        if not hmac.compare_digest(hash_secret(_bearer(authorization)), token_digest):
+    def join_auth(authorization: Annotated[str | None, Header()] = None) -> str:
+        """The bearer token of a registration (checked once the client id is known)."""
+        secret = _bearer(authorization)
+        if allowed is None and not hmac.compare_digest(hash_secret(secret), token_digest):
             raise AuthError("wrong join token; use the token the server printed.")
+        return secret
+
+    def check_admission(client_id: str, secret: str) -> None:
+        """With a clients file, only a listed client with its own token may register."""
+        if allowed is None:
+            return
+        digest = allowed.get(client_id)
+        if digest is None or not hmac.compare_digest(hash_secret(secret), digest):
+            raise AuthError(f"client {client_id!r} is not in this run's clients file, or its "
+                            "token is wrong; ask the operator for yours.")
 
     def client_auth(authorization: Annotated[str | None, Header()] = None) -> str:
         return coordinator.authenticate(_bearer(authorization))
@@ -216,11 +231,14 @@ def create_app(
             return None
         return coordinator.authenticate(secret)
 
-    @app.post("/api/register", dependencies=[Depends(join_auth)], responses=ERRORS,
+    @app.post("/api/register", responses=ERRORS,
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": REGISTER_SCHEMA}}}})
-    async def register(request: Request) -> dict[str, Any]:
-        """Register a client with the join token; returns its credential."""
+    async def register(
+        request: Request, secret: Annotated[str, Depends(join_auth)]
+    ) -> dict[str, Any]:
+        """Register a client with the join token (or its own token from the run's clients
+        file); returns its credential."""
         body = await _read_body(request, 64 * 1024)
         try:
             import json
@@ -230,6 +248,7 @@ def create_app(
             raise PayloadError("register body must be JSON like {\"client_id\": \"a\"}.") from exc
         if not isinstance(payload, dict) or not isinstance(payload.get("client_id"), str):
             raise PayloadError("register body must be JSON with a string client_id.")
+        check_admission(payload["client_id"], secret)
         n = _count(payload.get("num_examples"), "num_examples")
         n_test = _count(payload.get("num_test_examples"), "num_test_examples")
         task_info = payload.get("task")

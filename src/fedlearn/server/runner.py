@@ -202,8 +202,9 @@ def serve(
                          task.name)
 
     limit = config.max_update_bytes(nbytes(initial))
+    allowed = read_clients_file(Path(config.clients_file)) if config.clients_file else None
     app = create_app(coordinator, join_token=token, run_id=run_id, on_done=finish,
-                     max_update_bytes=limit, docs=options.docs)
+                     max_update_bytes=limit, docs=options.docs, allowed=allowed)
     sock = _bind(options.host, options.port)
     port = sock.getsockname()[1]
     scheme = "https" if options.tls_cert else "http"
@@ -313,6 +314,32 @@ async def _grace(app: Any, coordinator: Any, finished_before: bool = False) -> N
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)
+
+
+def read_clients_file(path: Path) -> dict[str, str]:
+    """``--clients-file``: one ``CLIENT_ID SHA256_OF_ITS_TOKEN`` per line (``#`` comments).
+
+    Make a line with ``printf %s "$TOKEN" | sha256sum``.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read --clients-file {path} ({exc}); check the path.") from exc
+    allowed: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or len(parts[1]) != 64 or not all(
+                c in "0123456789abcdef" for c in parts[1].lower()):
+            raise ConfigError(f"line {number} of {path} is not 'CLIENT_ID SHA256_HEX'; make the "
+                              "hash with: printf %s \"$TOKEN\" | sha256sum.")
+        allowed[parts[0]] = parts[1].lower()
+    if not allowed:
+        raise ConfigError(f"--clients-file {path} lists no clients; add 'CLIENT_ID SHA256' "
+                          "lines.")
+    return allowed
 
 
 def lock_run(path: Path) -> Any:
