@@ -15,6 +15,7 @@ server answers with the error's ``http_status`` and the same sentence.
                                 update or weights payload (HTTP 400, or 413 when too big)
 - :class:`AuthError`            missing or wrong token or credential (HTTP 401)
 - :class:`UnknownClientError`   a client id the server never registered (HTTP 404)
+- :class:`RateLimitedError`     too many registrations from one address (HTTP 429)
 - :class:`ConflictError`        an update for a closed round, from a client that was
                                 not sampled, or too stale (HTTP 409)
 - :class:`RunStateError`        a run directory that cannot be written or resumed (exit 4)
@@ -98,6 +99,12 @@ class UnknownClientError(FedlearnError):
     """A request named a client id the server does not know."""
 
     http_status = 404
+
+
+class RateLimitedError(FedlearnError):
+    """Too many requests of one kind from one address (HTTP 429); retry shortly."""
+
+    http_status = 429
 
 
 class ConflictError(FedlearnError):

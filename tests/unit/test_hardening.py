@@ -213,3 +213,15 @@ def test_a_clients_file_admits_only_listed_clients_with_their_own_tokens(
     bad.write_text("hospital-a not-a-hash\n")
     with pytest.raises(Exception, match="SHA256"):
         read_clients_file(bad)
+
+
+def test_registration_is_rate_limited_per_address() -> None:
+    from fedlearn.errors import RateLimitedError
+    from fedlearn.server.app import RateLimit
+
+    limit = RateLimit(burst=3, rate=1e-9)
+    for _ in range(3):
+        limit.take("10.0.0.1")
+    with pytest.raises(RateLimitedError, match="retry"):
+        limit.take("10.0.0.1")
+    limit.take("10.0.0.2")  # another address has its own bucket

@@ -280,7 +280,7 @@ class RemoteServer:
         if code < 400:
             return response
         detail = _detail(response)
-        if code >= 500:
+        if code >= 500 or code == 429:  # busy: retried with backoff like a restart
             raise ServerUnavailable(
                 f"the server at {self.url} answered {code} to {method} {path}: {detail}",
                 self.url,

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -26,6 +27,7 @@ from fedlearn.errors import (
     FedlearnError,
     PayloadError,
     PayloadTooLargeError,
+    RateLimitedError,
 )
 from fedlearn.server.async_coordinator import AsyncCoordinator
 from fedlearn.server.coordinator import SyncCoordinator
@@ -35,6 +37,9 @@ from fedlearn.weights import decode, spec_from_json
 log = logging.getLogger("fedlearn.server")
 
 MAX_POLL_SECONDS = 60.0
+#: Registrations one address may make at once, then per second.
+REGISTER_BURST = 1000.0
+REGISTER_RATE = 100.0
 #: Seconds a request body may take to arrive (a slow upload is refused, not waited on).
 BODY_SECONDS = 120.0
 
@@ -94,6 +99,26 @@ class Hub:
         old.set()
 
 
+class RateLimit:
+    """A token bucket per peer address: ``burst`` at once, then ``rate`` per second."""
+
+    def __init__(self, burst: float, rate: float) -> None:
+        self.burst = burst
+        self.rate = rate
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, peer: str) -> None:
+        """Spend one token of ``peer``'s bucket, or refuse with 429."""
+        now = time.monotonic()
+        tokens, then = self._buckets.get(peer, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        if tokens < 1:
+            raise RateLimitedError(f"too many registrations from {peer}; retry in a second.")
+        if len(self._buckets) > 100_000:
+            self._buckets.clear()
+        self._buckets[peer] = (tokens - 1, now)
+
+
 def _bearer(authorization: str | None) -> str:
     if not authorization or not authorization.startswith("Bearer "):
         raise AuthError("missing 'Authorization: Bearer <token>' header; pass the run's token.")
@@ -119,6 +144,7 @@ def create_app(
     the join token: only those clients, each with its own token, may register.
     """
     hub = Hub()
+    limiter = RateLimit(REGISTER_BURST, REGISTER_RATE)
     asynchronous = isinstance(coordinator, AsyncCoordinator)
     previous = coordinator.on_change
 
@@ -239,6 +265,7 @@ def create_app(
     ) -> dict[str, Any]:
         """Register a client with the join token (or its own token from the run's clients
         file); returns its credential."""
+        limiter.take(request.client.host if request.client else "?")
         body = await _read_body(request, 64 * 1024)
         try:
             import json
