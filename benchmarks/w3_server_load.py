@@ -37,7 +37,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import secrets
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -118,12 +120,14 @@ def stop_server(proc: subprocess.Popen[bytes]) -> str:
 
 
 class PeakRss:
-    """Polls a process's resident memory every 50 ms in a thread and keeps the max."""
+    """Polls a process's resident memory every 50 ms in a thread; keeps the max and its CPU."""
 
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
         self.baseline = self.proc.memory_info().rss
         self.peak = self.baseline
+        self.cpu_start = sum(self.proc.cpu_times()[:2])
+        self.cpu = self.cpu_start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -132,6 +136,7 @@ class PeakRss:
         while not self._stop.wait(0.05):
             try:
                 self.peak = max(self.peak, self.proc.memory_info().rss)
+                self.cpu = sum(self.proc.cpu_times()[:2])
             except psutil.Error:
                 return
 
@@ -181,7 +186,7 @@ class Run:
 
     url: str
     token: str
-    http: httpx.AsyncClient
+    tls: ssl.SSLContext
     seed: int
     late: bool
     payloads: asyncio.Future[Payloads]
@@ -196,13 +201,27 @@ class Run:
     stage: dict[str, str] = field(default_factory=dict)
     honest_done: asyncio.Event = field(default_factory=asyncio.Event)
     honest_unfinished: int = 0
+    sessions: dict[str, httpx.AsyncClient] = field(default_factory=dict)
+
+    def http(self, who: str) -> httpx.AsyncClient:
+        """The client's own connection pool.
+
+        One pool per client, as on separate machines: a single pool shared by a
+        thousand clients costs O(connections) of CPU per request in httpcore, and
+        this process, not the server, would be what is measured.
+        """
+        if who not in self.sessions:
+            self.sessions[who] = httpx.AsyncClient(
+                limits=httpx.Limits(max_connections=2), verify=self.tls,
+                timeout=httpx.Timeout(90.0, connect=60.0, pool=60.0))
+        return self.sessions[who]
 
     async def call(self, who: str, method: str, path: str, secret: str,
                    **kw: Any) -> httpx.Response | None:
         """One request; a 5xx is recorded, a transport error is None (and recorded)."""
         what = f"{method} {path} (client {who})"
         try:
-            r = await self.http.request(method, self.url + path,
+            r = await self.http(who).request(method, self.url + path,
                                         headers={"Authorization": f"Bearer {secret}"}, **kw)
         except httpx.HTTPError as exc:
             self.refused.append(f"{what}: no answer ({type(exc).__name__}: {exc})")
@@ -333,7 +352,7 @@ class Run:
                      **kw: Any) -> None:
         """Send one bad request and keep its answer."""
         try:
-            r = await self.http.request(method, self.url + path,
+            r = await self.http(who).request(method, self.url + path,
                                         headers={"Authorization": f"Bearer {secret}"}, **kw)
             status, detail = r.status_code, r.text[:200]
         except httpx.HTTPError as exc:
@@ -391,22 +410,23 @@ async def drive(url: str, token: str, n: int, mode: str, seed: int,
                 deadline: float) -> Run:
     """All N clients of one run, at once."""
     bad = 0 if mode == "honest" else n_bad(n)
-    limits = httpx.Limits(max_connections=n + 50, max_keepalive_connections=n + 50)
-    timeout = httpx.Timeout(90.0, connect=60.0, pool=60.0)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
-        loop = asyncio.get_running_loop()
-        run = Run(url=url, token=token, http=http, seed=seed, late=mode == "bad-late",
-                  payloads=loop.create_future(), honest_unfinished=n - bad)
-        jobs = [run.honest(i) for i in range(n - bad)]
-        jobs += [run.misbehave(j, KINDS[j % len(KINDS)]) for j in range(bad)]
-        try:
-            async with asyncio.timeout(deadline):
-                await asyncio.gather(*jobs)
-        except TimeoutError:
-            stuck = Counter(s for s in run.stage.values() if s != "finished")
-            run.refused.append(f"clients still waiting after {deadline:.0f} s, by stage: "
-                               f"{dict(stuck)}")
-        return run
+    loop = asyncio.get_running_loop()
+    run = Run(url=url, token=token, tls=ssl.create_default_context(), seed=seed,
+              late=mode == "bad-late", payloads=loop.create_future(),
+              honest_unfinished=n - bad)
+    jobs = [run.honest(i) for i in range(n - bad)]
+    jobs += [run.misbehave(j, KINDS[j % len(KINDS)]) for j in range(bad)]
+    try:
+        async with asyncio.timeout(deadline):
+            await asyncio.gather(*jobs)
+    except TimeoutError:
+        stuck = Counter(s for s in run.stage.values() if s != "finished")
+        run.refused.append(f"clients still waiting after {deadline:.0f} s, by stage: "
+                           f"{dict(stuck)}")
+    finally:
+        for session in run.sessions.values():
+            await session.aclose()
+    return run
 
 
 def check_model(run_dir: Path, initial: dict[str, np.ndarray] | None) -> tuple[bool, float, str]:
@@ -435,13 +455,13 @@ def one_run(n: int, mode: str, seed: int, round_timeout: float, work: Path) -> d
     log = work / f"{mode}-{n}.log"
     proc, url, token = start_server(run_dir, min_clients, n + 1000, round_timeout, log)
     rss = PeakRss(proc.pid)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         run = asyncio.run(drive(url, token, n, mode, seed, deadline=round_timeout + 180.0))
     finally:
         ended = stop_server(proc)
         rss.stop()
-    wall = time.perf_counter() - t0
+    wall, client_cpu = time.perf_counter() - t0, time.process_time() - c0
     problems = [f"5xx: {e}" for e in run.server_errors]
     problems += [f"honest client refused or stuck: {e}" for e in run.refused]
     if "exited 0" not in ended:
@@ -479,8 +499,21 @@ def one_run(n: int, mode: str, seed: int, round_timeout: float, work: Path) -> d
         "model_equal": same, "model_max_abs_error": worst,
         "update_limit_bytes": run.payloads.result().limit if run.payloads.done() else None,
         "model_bytes": len(run.payloads.result().delta) if run.payloads.done() else None,
-        "wall_seconds": wall, "server": ended, "server_log": str(log), "problems": problems,
+        "wall_seconds": wall, "server_cpu_seconds": rss.cpu - rss.cpu_start,
+        "client_cpu_seconds": client_cpu, "server": ended, "server_log": str(log),
+        "problems": problems,
     }
+
+
+def grouped(problems: list[str]) -> dict[str, tuple[int, str]]:
+    """Problems that differ only in client or task ids, counted: pattern -> (count, first)."""
+    out: dict[str, tuple[int, str]] = {}
+    for p in problems:
+        key = re.sub(r"\b([cb])\d+\b", r"\1<i>", p)
+        key = re.sub(r"r1\.\d+\.[cb]\d+", "<task>", key)
+        count, first = out.get(key, (0, p))
+        out[key] = (count + 1, first)
+    return out
 
 
 def git_state() -> dict[str, Any]:
@@ -526,12 +559,13 @@ def main() -> None:
     print()
     print(table(
         ["N", "mode", "honest/bad", "accepted", "updates/s", "p50 ms", "p99 ms",
-         "server MB (start -> peak)", "bad -> 4xx / total", "model"],
+         "server MB (start -> peak)", "bad -> 4xx / total", "model", "CPU s server/clients"],
         [[r["n"], r["mode"], f"{r['honest']}/{r['bad']}", r["accepted"],
           f"{r['updates_per_second']:.0f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
           f"{r['server_baseline_mb']:.0f} -> {r['server_peak_mb']:.0f}",
           f"{r['bad_4xx']}/{r['bad_requests']}" if r["bad"] else "-",
-          "equal" if r["model_equal"] else "MISMATCH"] for r in results]))
+          "equal" if r["model_equal"] else "MISMATCH",
+          f"{r['server_cpu_seconds']:.1f}/{r['client_cpu_seconds']:.1f}"] for r in results]))
     bad_runs = [r for r in results if r["bad"]]
     if bad_runs:
         print("\nAnswers to the bad requests (kind: status x count), and the slowloris:")
@@ -563,9 +597,12 @@ def main() -> None:
         "runs": results,
     })
     print(f"\nwrote {path}")
-    failed = [(r, p) for r in results for p in r["problems"]]
-    for r, p in failed:
-        print(f"FAILED N={r['n']} {r['mode']}: {p}")
+    failed = False
+    for r in results:
+        for pattern, (count, example) in grouped(r["problems"]).items():
+            failed = True
+            times = f" (x{count}; e.g. {example})" if count > 1 else ""
+            print(f"FAILED N={r['n']} {r['mode']}: {pattern if count > 1 else example}{times}")
     if failed:
         sys.exit(1)
 
