@@ -50,4 +50,4 @@ def test_client_without_server_gives_up_clearly(tmp_path: Path) -> None:
                    "--dataset", "digits", "--partition", "iid:2:0", "--max-retries", "1",
                    "--max-wait", "0.1"], cli_env(tmp_path), timeout=60)
     assert res.returncode == 5
-    assert "could not reach the server" in res.stderr and "Traceback" not in res.stderr
+    assert "could not reach a fedlearn server" in res.stderr and "Traceback" not in res.stderr

@@ -41,6 +41,7 @@ class ClientRecord:
     last_seen: float = 0.0
     dropped: bool = False  # sync: missed a round deadline and not seen since
     num_test_examples: int | None = None  # local test examples (federated evaluation)
+    registered_at: float = 0.0  # this process's clock at the last (re-)registration
 
 
 class ClientRegistry:
@@ -77,7 +78,7 @@ class ClientRegistry:
             num_test_examples: int | None = None) -> None:
         """Record a (re-)registered client as online; an older credential stops working."""
         self._add(ClientRecord(client_id, digest, num_examples, online=True, last_seen=now,
-                               num_test_examples=num_test_examples))
+                               num_test_examples=num_test_examples, registered_at=now))
 
     def check_claim(
         self, client_id: str, credential: str | None, max_clients: int,

@@ -95,7 +95,6 @@ class _Round:
     received: dict[str, int] = field(default_factory=dict)
     train_loss: float = 0.0
     picked: set[str] = field(default_factory=set)  # sampled clients that took their task
-    pickup_checked: bool = False
 
 
 class SyncCoordinator:
@@ -317,8 +316,9 @@ class SyncCoordinator:
             if not self._started_once and self._known_before and now < self._returning_until:
                 waits.append(self._returning_until - now + 0.01)
             rnd = self._round
-            if rnd is not None and not self._closing and not rnd.pickup_checked:
-                waits.append(max(0.0, rnd.started + self._pickup_seconds() - now) + 0.01)
+            due = self._pickup_due_locked(rnd) if rnd is not None and not self._closing else []
+            if due:
+                waits.append(max(0.0, min(due) - now) + 0.01)
             if self._round is not None and not self._closing:
                 waits.append(max(0.0, self._round.deadline - self.clock()))
             found = [w for w in waits if w is not None]
@@ -339,11 +339,9 @@ class SyncCoordinator:
                 if self.state.version >= self.config.rounds:
                     return False
                 return self._start_round_locked(self.state.version + 1, attempt=self._attempt)
-            if not rnd.pickup_checked and now >= rnd.started + self._pickup_seconds():
-                rnd.pickup_checked = True
-                if self._replace_absent_locked(rnd):
-                    self.on_change()
-                    return True
+            if self._replace_absent_locked(rnd, now):
+                self.on_change()
+                return True
             complete = len(rnd.received) == len(rnd.sampled)
             expired = now >= rnd.deadline
             if not complete and not expired:
@@ -370,20 +368,30 @@ class SyncCoordinator:
             return self.config.pickup_timeout
         return min(PICKUP_SECONDS, self.config.round_timeout / 3)
 
-    def _replace_absent_locked(self, rnd: _Round) -> bool:
+    def _pickup_by(self, rnd: _Round, client_id: str) -> float:
+        """When ``client_id`` must have picked up its task: the pickup time after the
+        round started or after it (re-)registered, whichever is later."""
+        return max(rnd.started, self._clients[client_id].registered_at) + self._pickup_seconds()
+
+    def _pickup_due_locked(self, rnd: _Round) -> list[float]:
+        return [self._pickup_by(rnd, cid)
+                for cid in rnd.sampled - rnd.picked - rnd.received.keys()]
+
+    def _replace_absent_locked(self, rnd: _Round, now: float) -> bool:
         """Swap sampled clients that never picked up their task for others (True if any).
 
         A client that registered and went silent must not make the round wait for
         its whole deadline; it takes part again once it polls.
         """
-        absent = rnd.sampled - rnd.picked - rnd.received.keys()
+        absent = {cid for cid in rnd.sampled - rnd.picked - rnd.received.keys()
+                  if self._pickup_by(rnd, cid) <= now}
         if not absent:
             return False
         spare = sorted(c.client_id for c in self._clients
                        if c.online and not c.dropped and c.client_id not in rnd.sampled)
         for cid in absent:
             self._clients[cid].dropped = True
-        rng = rng_for("replace", self.config.seed, rnd.number, rnd.attempt)
+        rng = rng_for("replace", self.config.seed, rnd.number, rnd.attempt, len(rnd.picked))
         chosen = ([spare[i] for i in rng.choice(len(spare), size=min(len(absent), len(spare)),
                                                  replace=False)] if spare else [])
         rnd.sampled = frozenset((rnd.sampled - absent) | set(chosen))
