@@ -157,8 +157,9 @@ def run_client(
     import os
     import socket
 
+    from fedlearn.client.identity import default_credential_file
     from fedlearn.client.remote import RemoteServer
-    from fedlearn.client.worker import WorkerConfig, default_credential_file, run_worker
+    from fedlearn.client.worker import WorkerConfig, run_worker
     from fedlearn.training import resolve_device
 
     the_task = _task(task)

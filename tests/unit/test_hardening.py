@@ -172,7 +172,7 @@ def test_a_retried_registration_with_the_same_claim_is_the_same_client(
 def test_a_client_keeps_its_identity_in_a_private_file(tmp_path: Path) -> None:
     import stat
 
-    from fedlearn.client.worker import load_identity, save_identity
+    from fedlearn.client.identity import load_identity, save_identity
 
     path = tmp_path / "creds" / "a.json"
     first = load_identity(str(path), "a")
@@ -217,7 +217,7 @@ def test_a_clients_file_admits_only_listed_clients_with_their_own_tokens(
 
 def test_registration_is_rate_limited_per_address() -> None:
     from fedlearn.errors import RateLimitedError
-    from fedlearn.server.app import RateLimit
+    from fedlearn.server.wire import RateLimit
 
     limit = RateLimit(burst=3, rate=1e-9)
     for _ in range(3):

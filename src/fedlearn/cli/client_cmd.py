@@ -135,8 +135,9 @@ def client(
     ] = 10,
 ) -> None:
     """Join a server's run: train on local data each round and send the updates."""
+    from fedlearn.client.identity import default_credential_file
     from fedlearn.client.remote import RemoteServer
-    from fedlearn.client.worker import WorkerConfig, default_credential_file, run_worker
+    from fedlearn.client.worker import WorkerConfig, run_worker
     from fedlearn.config import TrainConfig
     from fedlearn.data import parse_partition
     from fedlearn.tasks import load_task

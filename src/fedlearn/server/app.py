@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -26,51 +25,26 @@ from fedlearn.errors import (
     ConflictError,
     FedlearnError,
     PayloadError,
-    PayloadTooLargeError,
-    RateLimitedError,
 )
 from fedlearn.server.async_coordinator import AsyncCoordinator
 from fedlearn.server.coordinator import SyncCoordinator
 from fedlearn.server.store import hash_secret
+from fedlearn.server.wire import (
+    ERRORS,
+    MAX_EXAMPLES,
+    REGISTER_BURST,
+    REGISTER_RATE,
+    REGISTER_SCHEMA,
+    RateLimit,
+    count,
+    metrics_json,
+    read_body,
+)
 from fedlearn.weights import decode, spec_from_json
 
 log = logging.getLogger("fedlearn.server")
 
 MAX_POLL_SECONDS = 60.0
-#: Registrations one address may make at once, then per second.
-REGISTER_BURST = 1000.0
-REGISTER_RATE = 100.0
-#: Seconds a request body may take to arrive (a slow upload is refused, not waited on).
-BODY_SECONDS = 120.0
-
-#: Every error is ``{"detail": "<one sentence>"}``; the schema says so for each code.
-_ERROR = {"content": {"application/json": {"schema": {
-    "type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}}}}
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"description": what, **_ERROR} for code, what in (
-        (400, "a malformed request or payload"), (401, "a missing or wrong token"),
-        (409, "not the right moment or task for it"), (413, "a body over the limit"),
-        (422, "a missing or bad parameter"), (429, "too many registrations at once"))}
-_SPEC_ENTRY = {"type": "object", "required": ["shape", "dtype"], "properties": {
-    "shape": {"type": "array", "maxItems": 32,
-              "items": {"type": "integer", "minimum": 0, "maximum": 2**40 - 1}},
-    "dtype": {"type": "string"}}}
-REGISTER_SCHEMA = {
-    "type": "object", "required": ["client_id"],
-    "properties": {
-        "client_id": {"type": "string", "pattern": "^[ -~]{1,128}$"},
-        "num_examples": {"type": "integer", "minimum": 0, "maximum": 10**12},
-        "num_test_examples": {"type": "integer", "minimum": 0, "maximum": 10**12},
-        "credential": {"type": "string"},
-        "claim": {"type": "string"},
-        "task": {"type": "object", "properties": {
-            "name": {"type": "string"},
-            "spec": {"type": "object", "additionalProperties": _SPEC_ENTRY}}},
-    },
-}
-#: The most examples one client may claim (at registration, per update or evaluation).
-MAX_EXAMPLES = 10**12
-
 
 class Hub:
     """Wakes every long-poll and the driver when the coordinator's state changes.
@@ -97,26 +71,6 @@ class Hub:
     def _fire(self) -> None:
         old, self.event = self.event, asyncio.Event()
         old.set()
-
-
-class RateLimit:
-    """A token bucket per peer address: ``burst`` at once, then ``rate`` per second."""
-
-    def __init__(self, burst: float, rate: float) -> None:
-        self.burst = burst
-        self.rate = rate
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def take(self, peer: str) -> None:
-        """Spend one token of ``peer``'s bucket, or refuse with 429."""
-        now = time.monotonic()
-        tokens, then = self._buckets.get(peer, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - then) * self.rate)
-        if tokens < 1:
-            raise RateLimitedError(f"too many registrations from {peer}; retry in a second.")
-        if len(self._buckets) > 100_000:
-            self._buckets.clear()
-        self._buckets[peer] = (tokens - 1, now)
 
 
 def _bearer(authorization: str | None) -> str:
@@ -266,7 +220,7 @@ def create_app(
         """Register a client with the join token (or its own token from the run's clients
         file); returns its credential."""
         limiter.take(request.client.host if request.client else "?")
-        body = await _read_body(request, 64 * 1024)
+        body = await read_body(request, 64 * 1024)
         try:
             import json
 
@@ -276,8 +230,8 @@ def create_app(
         if not isinstance(payload, dict) or not isinstance(payload.get("client_id"), str):
             raise PayloadError("register body must be JSON with a string client_id.")
         check_admission(payload["client_id"], secret)
-        n = _count(payload.get("num_examples"), "num_examples")
-        n_test = _count(payload.get("num_test_examples"), "num_test_examples")
+        n = count(payload.get("num_examples"), "num_examples")
+        n_test = count(payload.get("num_test_examples"), "num_test_examples")
         task_info = payload.get("task")
         identity, task_name = None, None
         if task_info is not None:
@@ -380,9 +334,9 @@ def create_app(
                                                "msg": "Field required"}])
         else:
             coordinator.precheck(client_id, number, task_id)
-        body = await _read_body(request, limit)
+        body = await read_body(request, limit)
         delta = await run_in_threadpool(decode, body, coordinator.spec, max_bytes=limit)
-        values = _metrics(metrics)
+        values = metrics_json(metrics)
         values.update({
             k: float(v)
             for k, v in (("train_loss", train_loss), ("train_accuracy", train_accuracy),
@@ -409,7 +363,7 @@ def create_app(
                                       description="JSON object of name -> number")] = "{}",
     ) -> dict[str, Any]:
         """A federated-evaluation answer: the client's metrics on its own test data."""
-        values = _metrics(metrics)
+        values = metrics_json(metrics)
         await run_in_threadpool(
             coordinator.submit_evaluation, client_id, round, values, num_examples)
         return {"accepted": True, "round": round}
@@ -423,61 +377,3 @@ def create_app(
     return app
 
 
-def _count(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_EXAMPLES:
-        value = int(value)  # JSON has one number type: 10.0 is the integer 10
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_EXAMPLES:
-        raise PayloadError(f"{name} must be an integer from 0 to {MAX_EXAMPLES}.")
-    return value
-
-
-def _metrics(text: str | None) -> dict[str, float]:
-    """A JSON object of metric name -> finite number (at most 64 of them)."""
-    if not text:
-        return {}
-    try:
-        import json
-
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise PayloadError("metrics must be a JSON object of name -> number.") from exc
-    if not isinstance(data, dict) or len(data) > 64:
-        raise PayloadError("metrics must be a JSON object of at most 64 name -> number.")
-    out: dict[str, float] = {}
-    for k, v in data.items():
-        if (not isinstance(k, str) or len(k) > 64 or isinstance(v, bool)
-                or not isinstance(v, int | float)):
-            raise PayloadError("metrics must map short names to numbers.")
-        try:
-            f = float(v)
-        except OverflowError:
-            continue
-        if f == f and abs(f) != float("inf"):
-            out[k] = f
-    return out
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing it as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(
-            f"body of {declared} bytes is over the limit of {limit}; send the run's model only."
-        )
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(BODY_SECONDS):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLargeError(
-                        f"body is over the limit of {limit} bytes; send the run's model only."
-                    )
-                chunks.append(chunk)
-    except TimeoutError:
-        raise PayloadError(f"the body did not arrive within {BODY_SECONDS:.0f} seconds; "
-                           "send it at once.") from None
-    return b"".join(chunks)

@@ -43,9 +43,10 @@ from fedlearn.server.async_types import (
     Snapshot,
 )
 from fedlearn.server.clients import ClientRegistry, check_identity
-from fedlearn.server.coordinator import REPLAY_MEMORY, Evaluator, eval_record
+from fedlearn.server.coordinator import REPLAY_MEMORY
 from fedlearn.server.fedeval import FedEval
 from fedlearn.server.store import Store
+from fedlearn.server.sync_types import Evaluator, eval_record
 from fedlearn.strategies import sample_clients
 from fedlearn.strategies.async_policies import AsyncState, make_policy
 from fedlearn.types import Weights

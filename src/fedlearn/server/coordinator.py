@@ -23,8 +23,9 @@ from fedlearn.seeding import rng_for, task_seed
 from fedlearn.server.clients import ClientRegistry, check_identity
 from fedlearn.server.fedeval import FedEval
 from fedlearn.server.store import Store
+from fedlearn.server.sync_types import DONE, WAIT, Evaluator, Task, eval_record
 from fedlearn.strategies import StrategyState, make_strategy, sample_clients
-from fedlearn.types import EvalResult, Weights
+from fedlearn.types import Weights
 from fedlearn.weights import (
     RunningSum,
     Spec,
@@ -36,6 +37,8 @@ from fedlearn.weights import (
     unusable,
 )
 
+__all__ = ["DONE", "WAIT", "Evaluator", "SyncCoordinator", "Task", "eval_record"]
+
 log = logging.getLogger("fedlearn.server")
 #: Seconds a sampled client has to pick up its task before another takes its place.
 PICKUP_SECONDS = 15.0
@@ -43,46 +46,6 @@ PICKUP_SECONDS = 15.0
 RETURN_WAIT_SECONDS = 60.0
 #: Answers to updates kept for replays (a client retrying after a timeout gets the same one).
 REPLAY_MEMORY = 10_000
-
-#: Evaluates a state on the server's test data (None: the server has none).
-Evaluator = Callable[[Weights], EvalResult]
-
-
-def eval_record(result: EvalResult | None) -> dict[str, Any]:
-    """A server evaluation as record fields (``accuracy``, ``loss``, other metrics)."""
-    return {} if result is None else dict(result.metrics)
-
-
-@dataclass(frozen=True)
-class Task:
-    """What a client should do next: ``train``, ``evaluate``, ``wait`` or ``done``.
-
-    ``task_id`` names the task; an update or evaluation names it back.
-    ``config`` is the round's training configuration (train tasks only).
-    """
-
-    action: str
-    round: int = 0
-    version: int = 0
-    seed: int = 0
-    task_id: str = ""
-    config: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON body sent to the client."""
-        if self.action not in ("train", "evaluate"):
-            return {"action": self.action}
-        body: dict[str, Any] = {"action": self.action, "round": self.round,
-                                "version": self.version, "task_id": self.task_id}
-        if self.action == "train":
-            body["seed"] = self.seed
-            body["config"] = self.config or {}
-        return body
-
-
-WAIT = Task("wait")
-DONE = Task("done")
-
 
 @dataclass
 class _Round:
