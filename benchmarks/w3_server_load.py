@@ -521,6 +521,19 @@ def one_run(n: int, mode: str, seed: int, round_timeout: float, work: Path,
     }
 
 
+def slowloris_summary(slow: list[dict[str, Any]]) -> str:
+    """One line for a run's slowloris connections: how long held, who closed them."""
+    if not slow:
+        return ""
+    closed = [s["server_closed_after_s"] for s in slow if s["server_closed_after_s"] is not None]
+    answers = sorted({s["answer"] for s in slow if s["answer"]})
+    held = max(s["held_seconds"] for s in slow)
+    text = f"{len(slow)} connection(s), held up to {held:.1f} s; "
+    text += (f"{len(closed)} closed by the server after {min(closed):.1f}-{max(closed):.1f} s"
+             if closed else "none closed by the server")
+    return text + (f"; answered {answers}" if answers else "; no answer")
+
+
 def grouped(problems: list[str]) -> dict[str, tuple[int, str]]:
     """Problems that differ only in client or task ids, counted: pattern -> (count, first)."""
     out: dict[str, tuple[int, str]] = {}
@@ -591,12 +604,7 @@ def main() -> None:
         print("\nAnswers to the bad requests (kind: status x count), and the slowloris:")
         for r in bad_runs:
             codes = ", ".join(f"{k} x{c}" for k, c in sorted(r["bad_codes"].items()))
-            slow = "; ".join(
-                f"held {s['held_seconds']} s, {s['bytes_sent']} bytes, "
-                + (f"closed by the server after {s['server_closed_after_s']:.1f} s"
-                   if s["server_closed_after_s"] is not None else "never closed")
-                + (f", answered {s['answer']!r}" if s["answer"] else ", no answer")
-                for s in r["slowloris"])
+            slow = slowloris_summary(r["slowloris"])
             print(f"  N={r['n']} {r['mode']}: {codes}")
             print(f"    slowloris: {slow or '-'}")
     honest_runs = sorted((r for r in results if r["mode"] == "honest"), key=lambda r: r["n"])

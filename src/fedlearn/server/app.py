@@ -45,6 +45,8 @@ from fedlearn.weights import decode, spec_from_json
 log = logging.getLogger("fedlearn.server")
 
 MAX_POLL_SECONDS = 60.0
+#: Update bodies read and decoded at once (the rest wait: memory does not grow with N).
+UPLOADS_AT_ONCE = 16
 
 class Hub:
     """Wakes every long-poll and the driver when the coordinator's state changes.
@@ -99,6 +101,7 @@ def create_app(
     """
     hub = Hub()
     limiter = RateLimit(REGISTER_BURST, REGISTER_RATE)
+    uploads = asyncio.Semaphore(UPLOADS_AT_ONCE)
     asynchronous = isinstance(coordinator, AsyncCoordinator)
     previous = coordinator.on_change
 
@@ -334,8 +337,12 @@ def create_app(
                                                "msg": "Field required"}])
         else:
             coordinator.precheck(client_id, number, task_id)
-        body = await read_body(request, limit)
-        delta = await run_in_threadpool(decode, body, coordinator.spec, max_bytes=limit)
+        # At most UPLOADS_AT_ONCE bodies are read and decoded at a time: memory stays
+        # flat however many clients upload together (the others wait their turn).
+        async with uploads:
+            body = await read_body(request, limit)
+            delta = await run_in_threadpool(decode, body, coordinator.spec, max_bytes=limit)
+            del body
         values = metrics_json(metrics)
         values.update({
             k: float(v)
