@@ -58,6 +58,7 @@ test: install data check
 bench: install data
 	$(BIN)/python benchmarks/w1_six_clients.py
 	$(BIN)/python benchmarks/w2_hundred_clients.py
+	$(BIN)/python benchmarks/w3_server_load.py
 	$(BIN)/python benchmarks/w4_stragglers.py
 
 clean:
