@@ -10,10 +10,12 @@ loop; everything else (deltas, example counts, metrics) is the same.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -207,12 +209,14 @@ def train_epochs(
     on_epoch: Callable[[int, float, float], None] | None = None,
     slowdown: float = 1.0,
     device: str = "cpu",
+    precision: str = "fp32",
 ) -> tuple[float, float]:
     """Train ``model`` in place for ``config.epochs`` epochs of mini-batches.
 
     Returns (mean loss, accuracy) over the last epoch's training batches
     (accuracy NaN unless ``classification``). ``slowdown`` > 1 stretches wall
-    time by that factor (benchmarks only).
+    time by that factor (benchmarks only). ``precision`` ``bf16`` runs the
+    forward pass and loss under bfloat16 autocast (weights stay float32).
     """
     opt = optimizer if optimizer is not None else make_optimizer(model, config)
     loss_fn = loss if loss is not None else LOSSES["cross_entropy"]
@@ -231,9 +235,10 @@ def train_epochs(
             xb = data.x.index_select(0, idx).to(device, non_blocking=True)
             yb = data.y.index_select(0, idx).to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            out = model(xb)
-            value = (nn.functional.cross_entropy(out, yb) if fused
-                     else mean_loss(loss_fn, out, yb))
+            with autocast(device, precision):
+                out = model(xb)
+                value = (nn.functional.cross_entropy(out, yb) if fused
+                         else mean_loss(loss_fn, out, yb))
             value.backward()  # type: ignore[no-untyped-call]
             opt.step()
             with torch.no_grad():
@@ -249,11 +254,23 @@ def train_epochs(
     return last
 
 
-class Trainer:
-    """Trains and evaluates one task in one process (a model workspace on ``device``)."""
+def autocast(device: str, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast on ``device`` for ``precision`` ``bf16``; nothing for ``fp32``."""
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
-    def __init__(self, task: Task, *, seed: int = 0, device: str = "cpu") -> None:
+
+class Trainer:
+    """Trains and evaluates one task in one process (a model workspace on ``device``).
+
+    ``precision`` ``bf16`` trains under bfloat16 autocast; evaluation stays float32.
+    """
+
+    def __init__(self, task: Task, *, seed: int = 0, device: str = "cpu",
+                 precision: str = "fp32") -> None:
         self.task = task
+        self.precision = precision
         self.device = resolve_device(device)
         self.model = build_task_model(task, seed).to(self.device) if task.uses_torch else None
         self.loss = per_sample_loss(task) if task.uses_torch else None
@@ -286,7 +303,7 @@ class Trainer:
                 self.model, data, config, seed=seed,
                 optimizer=make_optimizer(self.model, config, self.task), loss=self.loss,
                 classification=self.task.kind == "classification", slowdown=slowdown,
-                device=self.device,
+                device=self.device, precision=self.precision,
             )
             metrics = {"train_loss": loss}
             if self.task.kind == "classification" and not np.isnan(acc):

@@ -34,9 +34,15 @@ def sim(
     partition: Annotated[str, typer.Option("--partition", "-p",
                          help="iid, dirichlet:A or shards:K, split among the clients.")] = "iid",
     rounds: Annotated[int, typer.Option("--rounds", help="Rounds to run.")] = 10,
-    engine: Annotated[str, typer.Option("--engine", help="vectorized (all sampled clients at "
-                      "once; mlp) or sequential (one after another; any model).")]
+    engine: Annotated[str, typer.Option("--engine", help="vectorized (the sampled clients "
+                      "trained at once, stacked; any model it can stack, else sequential) or "
+                      "sequential (one after another; any task).")]
     = "vectorized",
+    max_parallel: Annotated[int | None, typer.Option(
+        "--max-parallel", help="Most clients the vectorized engine stacks at once (chunks). "
+        "[default: as many as half the free memory holds; printed]")] = None,
+    precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16 (bfloat16 "
+                         "autocast for training).")] = "fp32",
     task: TaskOpt = None,
     dataset: DatasetOpt = "fashion-mnist",
     model: ModelOpt = "mlp",
@@ -88,7 +94,7 @@ def sim(
         engine=engine, dataset=dataset, model=model, task=ref.get("task", ""), data=data,
         label=label, test_fraction=test_fraction, eval_every=eval_every,
         eval_fraction=eval_fraction, strategy=strategy, server_lr=server_lr, seed=seed,
-        train=train,
+        max_parallel=max_parallel, precision=precision, train=train,
     )
     device = device_name(device)
     torch.set_num_threads(threads)

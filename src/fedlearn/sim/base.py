@@ -19,6 +19,8 @@ from fedlearn.config import TrainConfig
 from fedlearn.types import Weights
 
 ENGINES: tuple[str, ...] = ("vectorized", "sequential")
+#: Arithmetic the engines train in: float32, or bfloat16 autocast (``torch.autocast``).
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)

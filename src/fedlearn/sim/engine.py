@@ -31,7 +31,7 @@ from fedlearn.errors import ConfigError, PartitionError
 from fedlearn.metrics import weighted_means
 from fedlearn.runs import RunDir, final_metrics
 from fedlearn.seeding import task_seed
-from fedlearn.sim.base import ENGINES, ClientTask, ClientUpdate, Engine
+from fedlearn.sim.base import ENGINES, PRECISIONS, ClientTask, ClientUpdate, Engine
 from fedlearn.sim.sequential import ScriptEngine, SequentialEngine
 from fedlearn.sim.vectorized import VectorizedEngine, unsupported_reason
 from fedlearn.strategies import make_strategy, sample_clients
@@ -62,6 +62,8 @@ class SimConfig:
     strategy: str = "fedavg"
     server_lr: float = 1.0
     seed: int = 0
+    max_parallel: int | None = None
+    precision: str = "fp32"
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -80,6 +82,9 @@ class SimConfig:
             )
         if self.seed < 0:
             raise ConfigError(f"--seed must be 0 or more, got {self.seed}.")
+        if self.max_parallel is not None and self.max_parallel < 1:
+            raise ConfigError(f"--max-parallel must be at least 1, got {self.max_parallel}.")
+        check_precision(self.precision)
         if self.eval_every < 1:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}.")
         if self.eval_fraction is not None and not 0 < self.eval_fraction <= 1:
@@ -125,12 +130,19 @@ def make_engine(
     *,
     seed: int = 0,
     device: str = "cpu",
+    max_parallel: int | None = None,
+    precision: str = "fp32",
     log: Callable[[str], None] = print,
 ) -> Engine:
     """The engine ``name`` for ``task`` on the pooled training rows ``(x, y)``.
 
-    ``vectorized`` falls back to ``sequential`` (saying so in one line through
-    ``log``) for a task, model or optimizer it cannot stack.
+    ``vectorized`` stacks the sampled clients: the hand-written ``mlp`` engine
+    where it applies (measurably the fastest), else the general
+    :class:`~fedlearn.sim.functional.FunctionalEngine` for any torch model it
+    can stack; otherwise it falls back to ``sequential``, saying why in one
+    line through ``log``. ``max_parallel`` caps the clients stacked at once
+    (None: as many as memory holds); ``precision`` is ``fp32`` or ``bf16``
+    (autocast). The rows move to ``device`` once, here.
     """
     from fedlearn.training import Trainer
 
@@ -138,38 +150,45 @@ def make_engine(
         task = model_task(task)
     if name not in ENGINES:
         raise ConfigError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}.")
-    trainer = Trainer(task, seed=seed, device=device)
+    check_precision(precision)
+    trainer = Trainer(task, seed=seed, device=device, precision=precision)
     if name == "vectorized":
-        why = _vectorized_reason(task, trainer, config)
+        why = _vectorized_reason(task, trainer)
         if why is None and trainer.model is not None and task.loss_name == "cross_entropy" \
+                and precision == "fp32" and trainer.device == "cpu" \
                 and unsupported_reason(trainer.model, config) is None:
-            return VectorizedEngine(trainer.model, x, y)  # the hand-written mlp: fastest
+            return VectorizedEngine(trainer.model, x, y, max_parallel=max_parallel)
         if why is None and trainer.model is not None:
             from fedlearn.sim.functional import FunctionalEngine, functional_unsupported_reason
             from fedlearn.training import per_sample_loss
 
             loss = per_sample_loss(task)
-            why = functional_unsupported_reason(trainer.model, config, x=x[:4], y=y[:4],
-                                                loss=loss)
+            xd, yd = x.to(trainer.device), y.to(trainer.device)
+            why = functional_unsupported_reason(trainer.model, config, x=xd[:4], y=yd[:4],
+                                                loss=loss, precision=precision)
             if why is None:
-                return FunctionalEngine(trainer.model, x, y, loss=loss, log=log)
+                return FunctionalEngine(trainer.model, xd, yd, loss=loss,
+                                        max_parallel=max_parallel, precision=precision,
+                                        log=log)
         log(f"note: the vectorized engine cannot run this ({why}); using the sequential engine.")
     return SequentialEngine(trainer, x, y)
 
 
-def _vectorized_reason(task: Task, trainer: Any, config: TrainConfig) -> str | None:
-    """Why the stacked engines cannot train ``task`` here (None when they can try)."""
+def check_precision(precision: str) -> None:
+    """Raise ConfigError unless ``precision`` is one the engines know."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown --precision {precision!r}; choose one of "
+                          f"{', '.join(PRECISIONS)}.")
+
+
+def _vectorized_reason(task: Task, trainer: Any) -> str | None:
+    """Why the stacked engines cannot train ``task`` (None when they can try)."""
     if task.train is not None or task.optimizer is not None:
         return "the task trains with its own function or optimizer"
     if trainer.model is None:
         return "the task has no torch model"
     if task.loss_name is None:
         return "the task's loss is its own function"
-    convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in trainer.model.modules())
-    if convs and trainer.device == "cpu":
-        # Measured here: stacked convolutions ran 0.8x as fast as one client after another
-        # on a 2-core CPU (benchmarks/vectorized_probe.py); they pay off on a GPU.
-        return "on the CPU its stacked convolutions are slower than one client after another"
     return None
 
 
@@ -228,7 +247,9 @@ class Simulation:
                     self.test_shards[cid] = Shard.of(p.test)
             pool = Shard.from_numpy(xs, ys)
             self.engine = make_engine(config.engine, task, pool.x, pool.y, config.train,
-                                      seed=config.seed, device=device, log=log)
+                                      seed=config.seed, device=device,
+                                      max_parallel=config.max_parallel,
+                                      precision=config.precision, log=log)
         evaluable = task.model is not None or task.evaluate is not None
         self.evaluator = Trainer(task, seed=config.seed, device=device) if evaluable else None
         test = server_test_data(task) if evaluable else None
