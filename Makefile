@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,dp]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,dp,ray]'
 	touch $(STAMP)
 
 # Debian's dataset-fashion-mnist puts the real data in /usr/share/datasets.

@@ -85,17 +85,27 @@ def simulate(
     precision: str = "fp32",
     on_round: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = lambda line: None,
+    backend: str = "local", ray_address: str | None = None, ray_workers: int | None = None,
+    ray_cpus_per_worker: float | None = None, ray_gpus_per_worker: float | None = None,
+    ray_timeout: float | None = None,
 ) -> History:
     """Simulate ``clients`` clients of ``task`` in this process (``fedlearn sim``).
 
     ``per_round`` clients (default all) train each round; ``data`` may contain
     ``{i}`` for the client index; ``config`` is the round's training config.
     ``max_parallel`` and ``precision`` are ``fedlearn sim``'s flags of those names.
+    ``backend="ray"`` trains each round's clients on Ray workers (the ``ray_*``
+    arguments are ``fedlearn sim``'s ``--ray-*`` flags; a ``ray.init`` made
+    before is used as it is); the model is the same as in-process.
     """
     from fedlearn.runs import RunDir
     from fedlearn.sim import SimConfig, config_record, run_simulation
     from fedlearn.training import resolve_device
 
+    if backend == "ray":
+        from fedlearn.sim.ray_backend import require_ray
+
+        require_ray()
     the_task = _task(task)
     sim = SimConfig(
         clients=clients, per_round=per_round or clients, partition=partition, rounds=rounds,
@@ -103,6 +113,9 @@ def simulate(
         label=label, test_fraction=test_fraction, eval_every=eval_every,
         eval_fraction=eval_fraction, strategy=strategy, server_lr=server_lr, seed=seed,
         max_parallel=max_parallel, precision=precision, train=_train_config(the_task, config),
+        backend=backend, ray_address=ray_address, ray_workers=ray_workers,
+        ray_cpus_per_worker=ray_cpus_per_worker, ray_gpus_per_worker=ray_gpus_per_worker,
+        ray_timeout=ray_timeout,
     )
     run = RunDir.create(_out(out, "sim"), config_record(sim))
     summary = run_simulation(sim, the_task, run, on_round=on_round, log=log,

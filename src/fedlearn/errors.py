@@ -20,6 +20,8 @@ server answers with the error's ``http_status`` and the same sentence.
                                 not sampled, or too stale (HTTP 409)
 - :class:`RunStateError`        a run directory that cannot be written or resumed (exit 4)
 - :class:`RemoteError`          the server could not be reached or refused us (exit 5)
+- :class:`BackendError`         the Ray cluster cannot be reached or lost the workers
+                                of a round for good (exit 6)
 - :class:`SecAggAbortedError`   a secure aggregation round cannot finish: fewer clients
                                 than its threshold are left, so nothing is revealed (HTTP 409)
 """
@@ -124,6 +126,13 @@ class RemoteError(FedlearnError):
     """The server could not be reached, or answered with an error."""
 
     exit_code = 5
+
+
+class BackendError(FedlearnError):
+    """A simulation backend (Ray) cannot be reached or cannot finish a round."""
+
+    exit_code = 6
+    http_status = 500
 
 
 class SecAggAbortedError(FedlearnError):

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 X_KEYS = ("round", "update", "epoch")
 
@@ -66,6 +67,26 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], path: Path, *, title: str
         if 1 < len(series) <= 12:
             ax.legend(fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: Path, *, title: str,
+                ylabel: str, xlabel: str = "round", scale: float = 1.0) -> None:
+    """One line per named curve of (x, y) points (y times ``scale``) to ``path``."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, points in curves.items():
+        if points:
+            ax.plot([x for x, _ in points], [scale * y for _, y in points], marker="o",
+                    markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if 1 <= len(curves) <= 24:
+        ax.legend(fontsize=7)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

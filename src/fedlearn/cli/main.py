@@ -6,7 +6,15 @@ import sys
 
 import typer
 
-from fedlearn.cli import baseline_cmds, client_cmd, new_cmd, run_cmd, server_cmds, sim_cmd
+from fedlearn.cli import (
+    baseline_cmds,
+    client_cmd,
+    new_cmd,
+    run_cmd,
+    server_cmds,
+    sim_cmd,
+    sweep_cmd,
+)
 from fedlearn.cli.common import err_console
 from fedlearn.errors import FedlearnError
 
@@ -21,6 +29,7 @@ app.command()(server_cmds.server)
 app.command()(client_cmd.client)
 app.command()(run_cmd.run)
 app.command()(sim_cmd.sim)
+app.command()(sweep_cmd.sweep)
 app.command()(baseline_cmds.centralized)
 app.command()(baseline_cmds.local)
 app.command()(baseline_cmds.evaluate)

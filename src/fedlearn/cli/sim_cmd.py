@@ -6,6 +6,17 @@ from typing import Annotated, Any
 
 import typer
 
+from fedlearn.cli.backend_opts import (
+    BackendOpt,
+    RayAddressOpt,
+    RayCpusOpt,
+    RayGpusOpt,
+    RayTimeoutOpt,
+    RayWorkersOpt,
+    SimResumeOpt,
+    placement,
+    resume_sim,
+)
 from fedlearn.cli.common import (
     DataOpt,
     DatasetOpt,
@@ -75,6 +86,13 @@ def sim(
     out: OutOpt = None,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch.")]
     = DEFAULT_THREADS,
+    backend: BackendOpt = "local",
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
+    ray_cpus_per_worker: RayCpusOpt = None,
+    ray_gpus_per_worker: RayGpusOpt = None,
+    ray_timeout: RayTimeoutOpt = None,
+    resume: SimResumeOpt = None,
 ) -> None:
     """Simulate a federated run of N clients in this process (same model as `fedlearn run`)."""
     import torch
@@ -85,6 +103,11 @@ def sim(
 
     if threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {threads}.")
+    where = placement(backend, ray_address, ray_workers, ray_cpus_per_worker,
+                      ray_gpus_per_worker, ray_timeout)
+    if resume is not None:
+        resume_sim(resume, where, device=device_name(device), threads=threads)
+        return
     the_task, ref = resolve_task(task, dataset, model)
     train = TrainConfig.from_dict({**the_task.config, **{k: v for k, v in {
         "epochs": local_epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
@@ -94,13 +117,14 @@ def sim(
         engine=engine, dataset=dataset, model=model, task=ref.get("task", ""), data=data,
         label=label, test_fraction=test_fraction, eval_every=eval_every,
         eval_fraction=eval_fraction, strategy=strategy, server_lr=server_lr, seed=seed,
-        max_parallel=max_parallel, precision=precision, train=train,
+        max_parallel=max_parallel, precision=precision, train=train, **where,
     )
     device = device_name(device)
     torch.set_num_threads(threads)
     run = RunDir.create(out or default_run_dir("sim"), config_record(config))
+    on_ray = " on Ray" if backend == "ray" else ""
     console.print(f"fedlearn sim: {clients} clients, {per_round} per round, {the_task.name}, "
-                  f"{engine} engine, {rounds} rounds -> {run.path}", markup=False,
+                  f"{engine} engine{on_ray}, {rounds} rounds -> {run.path}", markup=False,
                   highlight=False)
     try:
         with progress_bar("rounds", rounds) as bar:

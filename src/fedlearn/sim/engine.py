@@ -32,6 +32,8 @@ from fedlearn.metrics import weighted_means
 from fedlearn.runs import RunDir, final_metrics
 from fedlearn.seeding import task_seed
 from fedlearn.sim.base import ENGINES, PRECISIONS, ClientTask, ClientUpdate, Engine
+from fedlearn.sim.checkpoint import Checkpointer, resume_point
+from fedlearn.sim.ray_backend import check_backend
 from fedlearn.sim.sequential import ScriptEngine, SequentialEngine
 from fedlearn.sim.vectorized import VectorizedEngine, unsupported_reason
 from fedlearn.strategies import make_strategy, sample_clients
@@ -65,6 +67,13 @@ class SimConfig:
     max_parallel: int | None = None
     precision: str = "fp32"
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Where the engines run (sim/ray_backend.py); none of these change the model.
+    backend: str = "local"
+    ray_address: str | None = None
+    ray_workers: int | None = None
+    ray_cpus_per_worker: float | None = None
+    ray_gpus_per_worker: float | None = None
+    ray_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -85,6 +94,7 @@ class SimConfig:
         if self.max_parallel is not None and self.max_parallel < 1:
             raise ConfigError(f"--max-parallel must be at least 1, got {self.max_parallel}.")
         check_precision(self.precision)
+        check_backend(self)
         if self.eval_every < 1:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}.")
         if self.eval_fraction is not None and not 0 < self.eval_fraction <= 1:
@@ -232,6 +242,9 @@ class Simulation:
         self.test_shards: dict[str, Shard] = {}
         self.contexts = self._contexts()
         if task.script is not None:
+            if config.backend == "ray":
+                raise ConfigError("a client-API script task runs in this process; drop "
+                                  "--backend ray.")
             self.engine: Engine = ScriptEngine(task, self.contexts, seed=config.seed,
                                                device=device)
             self.rows: dict[str, np.ndarray] = {cid: np.zeros(0, np.int64) for cid in self.ids}
@@ -246,10 +259,15 @@ class Simulation:
                 if p.test is not None and len(p.test):
                     self.test_shards[cid] = Shard.of(p.test)
             pool = Shard.from_numpy(xs, ys)
-            self.engine = make_engine(config.engine, task, pool.x, pool.y, config.train,
-                                      seed=config.seed, device=device,
-                                      max_parallel=config.max_parallel,
-                                      precision=config.precision, log=log)
+            if config.backend == "ray":
+                from fedlearn.sim.ray_backend import RayEngine
+
+                self.engine = RayEngine(config, task, xs, ys, log=log)
+            else:
+                self.engine = make_engine(config.engine, task, pool.x, pool.y, config.train,
+                                          seed=config.seed, device=device,
+                                          max_parallel=config.max_parallel,
+                                          precision=config.precision, log=log)
         evaluable = task.model is not None or task.evaluate is not None
         self.evaluator = Trainer(task, seed=config.seed, device=device) if evaluable else None
         test = server_test_data(task) if evaluable else None
@@ -333,9 +351,10 @@ class Simulation:
         return fed
 
     def close(self) -> None:
-        """Stop client scripts, if any."""
-        if isinstance(self.engine, ScriptEngine):
-            self.engine.close()
+        """Stop client scripts or Ray workers, if any."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
 
 def run_simulation(
@@ -346,25 +365,35 @@ def run_simulation(
     on_round: RoundHook | None = None,
     log: Callable[[str], None] = print,
     device: str = "cpu",
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Simulate ``config.rounds`` rounds of ``task`` in this process, writing ``run``.
 
     Each round appends {round, loss and the task's metrics (server test data),
     fed_* (clients' own test data), seconds, train_seconds, clients, examples}
-    to ``metrics.jsonl`` and calls ``on_round`` with it; the end writes
+    to ``metrics.jsonl``, checkpoints the strategy state (in the background)
+    and calls ``on_round`` with the record; the end writes
     ``model.safetensors``, ``summary.json`` and ``report.png``. Returns the summary.
+    ``resume`` continues ``run`` from its last checkpoint (the same final model).
     """
     started = time.perf_counter()
     sim = Simulation(config, task, device=device, log=log)
     history: list[dict[str, Any]] = []
+    first = 1
+    checkpoints = Checkpointer(run.path, seed=config.seed)
     try:
-        for rnd in range(1, config.rounds + 1):
+        if resume:
+            sim.state, history, first = resume_point(run, sim.state, seed=config.seed)
+        for rnd in range(first, config.rounds + 1):
             record = sim.run_round(rnd)
             history.append(record)
             run.append_metrics(record)
+            checkpoints.save(sim.state, rnd)
             if on_round is not None:
                 on_round(record)
+        checkpoints.close()
     finally:
+        checkpoints.close(raise_errors=False)
         sim.close()
     return _finish(run, config, task, sim.engine.name, sim.weights, history, started)
 
@@ -379,6 +408,7 @@ def _finish(
         "mode": "sim",
         "engine": engine,
         "engine_requested": config.engine,
+        "backend": config.backend,
         "task": task.name,
         "dataset": config.dataset,
         "model": config.model,
