@@ -12,7 +12,7 @@ from fedlearn.errors import ConfigError
 
 BackendOpt = Annotated[str, typer.Option(
     "--backend", help="local (this process) or ray (the sampled clients of each round in "
-    "chunks on Ray workers; needs pip install 'fedlearn[ray]').")]
+    "chunks on Ray workers; needs pip install 'fedlearn\\[ray]').")]
 RayAddressOpt = Annotated[str | None, typer.Option(
     "--ray-address", help="Ray cluster to join: auto (the one this machine belongs to) or "
     "HOST:6379. [default: start Ray on this machine]")]
@@ -47,20 +47,17 @@ def placement(backend: str, address: str | None, workers: int | None, cpus: floa
             "ray_cpus_per_worker": cpus, "ray_gpus_per_worker": gpus, "ray_timeout": timeout}
 
 
-def flags_given() -> set[str] | None:
+def flags_given(ctx: typer.Context | None) -> set[str] | None:
     """Parameter names given on the command line (None when not run from the command line)."""
-    import click
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context(silent=True)
     if ctx is None:
         return None
     return {name for name in ctx.params
-            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
-                                                  ParameterSource.ENVIRONMENT)}
+            if str(ctx.get_parameter_source(name)).rsplit(".", 1)[-1] in ("COMMANDLINE",
+                                                                        "ENVIRONMENT")}
 
 
-def resume_sim(path: Path, where: dict[str, Any], *, device: str, threads: int) -> None:
+def resume_sim(path: Path, where: dict[str, Any], *, device: str, threads: int,
+               given: set[str] | None) -> None:
     """Continue the simulated run in ``path`` from its last checkpoint, with a progress bar.
 
     The run's ``config.toml`` says what it computes; of ``where`` (placement)
@@ -73,7 +70,6 @@ def resume_sim(path: Path, where: dict[str, Any], *, device: str, threads: int) 
     from fedlearn.sim.checkpoint import load_checkpoint, sim_config_from_record
     from fedlearn.sim.ray_backend import RAY_FIELDS
 
-    given = flags_given()
     if given is not None:
         other = sorted(given - set(PLACEMENT_FLAGS))
         if other:

@@ -14,6 +14,7 @@ from fedlearn.cli.backend_opts import (
     RayTimeoutOpt,
     RayWorkersOpt,
     SimResumeOpt,
+    flags_given,
     placement,
     resume_sim,
 )
@@ -93,6 +94,7 @@ def sim(
     ray_gpus_per_worker: RayGpusOpt = None,
     ray_timeout: RayTimeoutOpt = None,
     resume: SimResumeOpt = None,
+    ctx: typer.Context = None,  # type: ignore[assignment]  # None when called as a function
 ) -> None:
     """Simulate a federated run of N clients in this process (same model as `fedlearn run`)."""
     import torch
@@ -106,7 +108,8 @@ def sim(
     where = placement(backend, ray_address, ray_workers, ray_cpus_per_worker,
                       ray_gpus_per_worker, ray_timeout)
     if resume is not None:
-        resume_sim(resume, where, device=device_name(device), threads=threads)
+        resume_sim(resume, where, device=device_name(device), threads=threads,
+                   given=flags_given(ctx))
         return
     the_task, ref = resolve_task(task, dataset, model)
     train = TrainConfig.from_dict({**the_task.config, **{k: v for k, v in {
