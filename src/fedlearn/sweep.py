@@ -39,9 +39,7 @@ it and sends its run directory's files back to this machine.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import itertools
 import re
 import shutil
@@ -54,7 +52,8 @@ from typing import TYPE_CHECKING, Any
 
 from fedlearn.config import TRAIN_KEYS, TrainConfig, load_toml
 from fedlearn.errors import BackendError, ConfigError, FedlearnError
-from fedlearn.runs import METRICS, SUMMARY, RunDir
+from fedlearn.runs import SUMMARY, RunDir
+from fedlearn.sweep_compare import point_row, write_comparison
 
 if TYPE_CHECKING:
     from fedlearn.sim.engine import SimConfig
@@ -68,7 +67,6 @@ SWEEP_KEYS: dict[str, type] = {
 #: ``SimConfig`` fields a sweep sets itself (where a point runs is the sweep's business).
 PLACEMENT = ("backend", "ray_address", "ray_workers", "ray_cpus_per_worker",
              "ray_gpus_per_worker", "ray_timeout", "train")
-COMPARISON = "comparison"
 DEFAULT_THREADS = 2
 
 
@@ -244,7 +242,7 @@ def run_sweep(sweep: SweepConfig, points: list[Point], out: Path, *,
         _run_on_ray(sweep, todo, out, log)
     else:
         _run_here(sweep, todo, out, log)
-    rows = [_row(point, out / point.name) for point in points]
+    rows = [point_row(point.name, point.values, out / point.name) for point in points]
     write_comparison(out, rows, list(sweep.grid))
     return rows
 
@@ -357,74 +355,3 @@ def _result_text(summary: Mapping[str, Any]) -> str:
     acc = summary.get("final_accuracy")
     shown = f"accuracy {100 * float(acc):.2f}%" if acc is not None else "finished"
     return f"{shown} in {float(summary.get('wall_seconds') or 0):.1f} s"
-
-
-def _row(point: Point, folder: Path) -> dict[str, Any]:
-    """The comparison row of one point (from its run directory)."""
-    row: dict[str, Any] = {"point": point.name, **point.values}
-    run = RunDir(folder)
-    if (folder / SUMMARY).is_file():
-        summary = run.read_summary()
-        row.update(final_accuracy=summary.get("final_accuracy"),
-                   final_loss=summary.get("final_loss"), rounds=summary.get("rounds"),
-                   seconds=summary.get("wall_seconds"), error="")
-    else:
-        error = folder / "error.txt"
-        row.update(final_accuracy=None, final_loss=None, rounds=None, seconds=None,
-                   error=error.read_text().strip() if error.is_file() else "did not finish")
-    row["run_dir"] = folder.name
-    row["curve"] = _curve(run) if (folder / METRICS).is_file() else []
-    return row
-
-
-def _curve(run: RunDir) -> list[tuple[float, float]]:
-    """(round, accuracy) of a run: the server's test accuracy, else the federated one."""
-    records = run.read_metrics()
-    for key in ("accuracy", "fed_accuracy"):
-        points = [(float(r["round"]), float(r[key])) for r in records
-                  if r.get(key) is not None and "round" in r]
-        if points:
-            return points
-    return []
-
-
-def write_comparison(out: Path, rows: list[dict[str, Any]], grid_keys: list[str]) -> list[Path]:
-    """``comparison.csv``, ``comparison.md`` and ``comparison.png`` in ``out``."""
-    from fedlearn.report import plot_curves
-
-    columns = ["point", *grid_keys, "final_accuracy", "final_loss", "rounds", "seconds",
-               "run_dir", "error"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-    paths = [out / f"{COMPARISON}.csv", out / f"{COMPARISON}.md", out / f"{COMPARISON}.png"]
-    paths[0].write_text(buf.getvalue(), encoding="utf-8")
-    paths[1].write_text(comparison_table(rows, grid_keys) + "\n", encoding="utf-8")
-    plot_curves({row["point"]: row["curve"] for row in rows}, paths[2],
-                title=f"sweep: test accuracy per round, {len(rows)} points",
-                ylabel="test accuracy (%)", scale=100.0)
-    return paths
-
-
-def comparison_table(rows: list[dict[str, Any]], grid_keys: list[str]) -> str:
-    """The comparison as a markdown table, best final accuracy first."""
-    def pct(x: Any) -> str:
-        return "-" if x is None else f"{100 * float(x):.2f}%"
-
-    ordered = sorted(rows, key=lambda r: -(r.get("final_accuracy") or -1.0))
-    header = ["point", *grid_keys, "final accuracy", "final loss", "seconds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in ordered:
-        loss = "-" if r.get("final_loss") is None else f"{float(r['final_loss']):.4f}"
-        secs = "-" if r.get("seconds") is None else f"{float(r['seconds']):.1f}"
-        acc = pct(r.get("final_accuracy")) if not r.get("error") else f"failed: {r['error']}"
-        cells = [r["point"], *(str(r.get(k, "")) for k in grid_keys), acc, loss, secs]
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def failed(rows: list[dict[str, Any]]) -> list[str]:
-    """Names of the points that did not finish."""
-    return [r["point"] for r in rows if r.get("error")]

@@ -35,7 +35,8 @@ BACKENDS = ("local", "ray")
 @pytest.fixture(scope="module", autouse=True)
 def local_ray() -> Iterator[None]:
     """A local Ray of 2 CPUs for the whole module."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level="error",
              object_store_memory=200 * 1024 * 1024)
     try:
         yield

@@ -173,3 +173,28 @@ def test_point_names_are_safe_folder_names() -> None:
     assert point_name(3, {"partition": "dirichlet:0.5", "task": "a b/c.py:t"}) == (
         "03-partition=dirichlet-0.5_task=a-b-c.py-t")
     assert point_name(0, {}) == "00"
+
+
+def test_a_point_that_fails_is_reported_and_the_others_still_run(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "[sweep]\nthreads = 1\n[grid]\nclients = [4, 2000]\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app(), [str(path), "--out", str(out)])
+    assert res.exit_code == 1
+    assert "1 of 2 points did not finish (01-clients=2000)" in str(res.exception)
+    assert (out / "00-clients=4" / "summary.json").is_file()
+    error = (out / "01-clients=2000" / "error.txt").read_text()
+    assert "2000 clients cannot share a training set" in error
+    assert "failed: --partition: 2000 clients" in (out / "comparison.md").read_text()
+
+
+def test_the_readme_sweep_file_is_a_valid_sweep(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("### Sweeps")
+    toml = re.findall(r"```toml\n(.*?)```", readme[start:], flags=re.S)[0]
+    points = make_points(load_sweep(write(tmp_path, toml)))
+    assert len(points) == 6
+    assert {(p.values["partition"], p.values["seed"]) for p in points} == {
+        (a, s) for a in ("dirichlet:0.1", "dirichlet:0.5", "iid") for s in (0, 1)}
+    assert all(p.config.clients == 100 and p.config.train.lr == 0.05 for p in points)

@@ -14,8 +14,9 @@ BackendOpt = Annotated[str, typer.Option(
     "--backend", help="local (this process) or ray (the sampled clients of each round in "
     "chunks on Ray workers; needs pip install 'fedlearn\\[ray]').")]
 RayAddressOpt = Annotated[str | None, typer.Option(
-    "--ray-address", help="Ray cluster to join: auto (the one this machine belongs to) or "
-    "HOST:6379. [default: start Ray on this machine]")]
+    "--ray-address", help="Ray cluster to join: auto (the one this machine belongs to), "
+    "HOST:6379, or local (a new Ray for this run). [default: the Ray this machine runs, else "
+    "a new one]")]
 RayWorkersOpt = Annotated[int | None, typer.Option(
     "--ray-workers", help="Ray actors training clients. [default: the cluster's CPUs / "
     "--ray-cpus-per-worker]")]

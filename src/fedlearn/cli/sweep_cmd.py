@@ -25,7 +25,8 @@ def sweep(
 ) -> None:
     """Run a grid of simulations (one run directory per point) and compare them."""
     from fedlearn.runs import default_run_dir
-    from fedlearn.sweep import comparison_table, failed, load_sweep, make_points, run_sweep
+    from fedlearn.sweep import load_sweep, make_points, run_sweep
+    from fedlearn.sweep_compare import comparison_table, failed
 
     settings = load_sweep(config, backend=backend, ray_address=ray_address)
     if settings.backend == "ray":

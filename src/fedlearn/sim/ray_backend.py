@@ -91,8 +91,9 @@ def require_ray() -> ModuleType:
 
 
 def connect(address: str | None) -> bool:
-    """Join the Ray cluster at ``address`` (``auto``: the one this machine is part of), or
-    start a local one when ``address`` is None; True when this call started Ray.
+    """Join the Ray cluster at ``address`` (``auto``: the one this machine is part of;
+    ``local``: a new one for this process); None does what ``ray.init()`` does: the
+    cluster this machine runs, else a new local one. True when this call started Ray.
 
     An already connected process (a test's or a notebook's ``ray.init``) is left as it is.
     """
@@ -106,7 +107,8 @@ def connect(address: str | None) -> bool:
         where = f"at {address}" if address else "on this machine"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BackendError(f"cannot reach a Ray cluster {where} ({first}); start one with "
-                           "`ray start --head` or check --ray-address.") from exc
+                           "`ray start --head`, check --ray-address, or pass --ray-address "
+                           "local for a Ray of this run's own.") from exc
     return True
 
 
