@@ -97,14 +97,15 @@ def test_every_backend_reaches_the_same_model(backend: str, tmp_path: Path,
     assert ray.is_initialized()  # a Ray started by someone else is left running
 
 
-def gated(folder: Path) -> Task:
+def gated(folder: Path, *, first_only: bool = False) -> Task:
     """digits/mlp whose optimizer factory, once ``armed`` exists, waits for ``release``.
 
     It runs where a client trains (here: in a Ray actor), says so with a file named
-    after its process id, and holds that client mid-round until the test lets go.
+    after its process id, and holds that client mid-round until the test lets go
+    (``first_only``: only the first client to get there is held).
     """
     def optimizer(params: Any, config: dict[str, Any]) -> torch.optim.Optimizer:
-        if (folder / "armed").exists():
+        if (folder / "armed").exists() and _hold(folder, first_only):
             (folder / f"started-{os.getpid()}").touch()
             deadline = time.monotonic() + 120
             while not (folder / "release").exists():
@@ -115,6 +116,16 @@ def gated(folder: Path) -> Task:
             config["momentum"]))
 
     return dataclasses.replace(builtin_task("digits", "mlp"), optimizer=optimizer)
+
+
+def _hold(folder: Path, first_only: bool) -> bool:
+    if not first_only:
+        return True
+    try:
+        os.close(os.open(folder / "first", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
 
 
 def wait_for(predicate: Any, what: str, timeout: float = 120.0) -> Any:
@@ -239,3 +250,28 @@ partition = ["dirichlet:0.5", "iid"]
     run_simulation(points[3].config, builtin_task("digits", "mlp"), here, log=lambda s: None)
     assert_same_model(load_model_file(here.path / "model.safetensors"),
                       load_model_file(tmp_path / "out" / points[3].name / "model.safetensors"))
+
+
+def test_a_worker_that_hangs_past_the_timeout_is_replaced(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    task = gated(gate, first_only=True)
+    local = Simulation(config(rounds=2), task, log=lambda s: None)
+    for rnd in (1, 2):
+        local.run_round(rnd)
+
+    (gate / "armed").touch()  # and never released: the first client hangs
+    lines: list[str] = []
+    sim = Simulation(config(rounds=2, backend="ray", ray_workers=2, ray_timeout=5.0), task,
+                     log=lines.append)
+    try:
+        pids = sim.engine.pids()  # type: ignore[attr-defined]
+        for rnd in (1, 2):
+            sim.run_round(rnd)
+        hung = int(next(gate.glob("started-*")).name.split("-")[1])
+        assert hung in pids
+        assert any("took over 5 s" in line for line in lines), lines
+        wait_for(lambda: not _alive(hung), f"the hung process {hung} to be stopped")
+    finally:
+        sim.close()
+    assert_same_model(local.weights, sim.weights)

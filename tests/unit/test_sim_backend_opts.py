@@ -68,3 +68,11 @@ def test_chunks_cover_every_client_once_and_balance_steps() -> None:
 def test_never_more_chunks_than_clients() -> None:
     assert balanced_chunks(tasks([10, 10]), 8, batch_size=4) == [[0], [1]]
     assert balanced_chunks(tasks([10, 10, 10]), 1, batch_size=4) == [[0, 1, 2]]
+
+
+def test_ray_is_imported_only_when_a_ray_run_starts() -> None:
+    code = ("import sys, fedlearn.sim, fedlearn.sweep, fedlearn.cli.main\n"
+            "print('ray' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "False"

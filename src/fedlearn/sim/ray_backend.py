@@ -47,8 +47,10 @@ if TYPE_CHECKING:
 
 BACKENDS: tuple[str, ...] = ("local", "ray")
 INSTALL_HINT = "pip install 'fedlearn[ray]'"
-#: Seconds a chunk (or an actor's start) may take before its actor is restarted.
+#: Seconds a chunk may take before its actor is replaced (--ray-timeout).
 DEFAULT_TIMEOUT = 600.0
+#: Seconds more an actor may take to start (import torch, fetch the rows, build its engine).
+START_TIMEOUT = 600.0
 #: Times one chunk may move to another actor after its own was lost.
 MAX_MOVES = 2
 #: Replacement actors a run may start, per worker.
@@ -218,6 +220,7 @@ class _Job:
     slot: int
     deadline: float = 0.0
     moves: int = 0
+    actor: Any = None
 
 
 class RayEngine:
@@ -239,6 +242,7 @@ class RayEngine:
         self.log = log
         self.timeout = config.ray_timeout or DEFAULT_TIMEOUT
         self.actors: list[Any] = []
+        self.fresh: set[int] = set()  # slots whose replacement has not answered yet
         self.replaced = 0
         self.started = connect(config.ray_address)
         try:
@@ -266,11 +270,11 @@ class RayEngine:
         self._refs = (ray.put(task), ray.put(x), ray.put(y))
         self.actors = [self._make.remote(self._refs, self.spec) for _ in range(workers)]
         try:
-            got = ray.get([a.ready.remote() for a in self.actors], timeout=self.timeout)
+            got = ray.get([a.ready.remote() for a in self.actors], timeout=START_TIMEOUT)
         except ray.exceptions.GetTimeoutError:
             raise BackendError(
                 f"the Ray cluster did not start {workers} workers of {cpus:g} CPUs"
-                f"{f' and {gpus:g} GPUs' if gpus else ''} each within {self.timeout:g} s; "
+                f"{f' and {gpus:g} GPUs' if gpus else ''} each within {START_TIMEOUT:g} s; "
                 "check `ray status`, or lower --ray-workers or --ray-cpus-per-worker."
             ) from None
         except ray.exceptions.RayError as exc:
@@ -295,9 +299,11 @@ class RayEngine:
         jobs: dict[Any, _Job] = {}
 
         def submit(job: _Job) -> None:
-            job.deadline = time.monotonic() + self.timeout
+            start = START_TIMEOUT if job.slot in self.fresh else 0.0
+            job.deadline = time.monotonic() + self.timeout + start
+            job.actor = self.actors[job.slot]
             chunk = [clients[i] for i in job.positions]
-            jobs[self.actors[job.slot].train.remote(weights_ref, chunk, config)] = job
+            jobs[job.actor.train.remote(weights_ref, chunk, config)] = job
 
         for slot, positions in enumerate(chunks):
             submit(_Job(positions, slot))
@@ -321,6 +327,8 @@ class RayEngine:
                 self._move(job, f"{type(exc).__name__}: {str(exc).strip()[:160]}")
                 submit(job)
                 continue
+            if self.actors[job.slot] is job.actor:
+                self.fresh.discard(job.slot)
             out.update(zip(job.positions, self._check(got, job, clients, weights), strict=True))
         return [out[i] for i in range(len(clients))]
 
@@ -331,7 +339,8 @@ class RayEngine:
                                "`ray status`, or raise --ray-timeout.")
         self.log(f"note: a Ray worker was lost ({why}); a new one replaces it and its "
                  f"{len(job.positions)} clients train again.")
-        self._replace(job.slot)
+        if self.actors[job.slot] is job.actor:  # not replaced yet (for another of its chunks)
+            self._replace(job.slot)
         job.slot = (job.slot + 1) % len(self.actors)
         job.moves += 1
 
@@ -340,6 +349,7 @@ class RayEngine:
         with contextlib.suppress(Exception):
             self.ray.kill(self.actors[slot], no_restart=True)
         self.actors[slot] = self._make.remote(self._refs, self.spec)
+        self.fresh.add(slot)
         self.replaced += 1
 
     def _check(self, got: Any, job: _Job, clients: list[ClientTask],
