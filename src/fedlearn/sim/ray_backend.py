@@ -176,11 +176,13 @@ class EngineWorker:
         return os.getpid()
 
     def train(self, weights: Weights, clients: list[ClientTask],
-              config: TrainConfig) -> list[ClientUpdate]:
-        """The engine's ``train_round`` for this chunk of the round's clients."""
+              config: TrainConfig) -> tuple[list[ClientUpdate], float]:
+        """The engine's ``train_round`` for this chunk of the round's clients, and its seconds."""
         if self.error is not None:
             raise self.error
-        return list(self.engine.train_round(weights, clients, config))
+        t0 = time.perf_counter()
+        updates = list(self.engine.train_round(weights, clients, config))
+        return updates, time.perf_counter() - t0
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,9 @@ class RayEngine:
         self.actors: list[Any] = []
         self.fresh: set[int] = set()  # slots whose replacement has not answered yet
         self.replaced = 0
+        #: Seconds the slowest actor spent training in the last round (the rest of
+        #: ``train_round``'s time is Ray's: moving weights and deltas, scheduling).
+        self.last_worker_seconds = 0.0
         self.started = connect(config.ray_address)
         try:
             self._start(config, task, x, y)
@@ -308,6 +313,7 @@ class RayEngine:
         for slot, positions in enumerate(chunks):
             submit(_Job(positions, slot))
         out: dict[int, ClientUpdate] = {}
+        self.last_worker_seconds = 0.0
         while jobs:
             wait = max(0.0, min(j.deadline for j in jobs.values()) - time.monotonic())
             done, _ = ray.wait(list(jobs), num_returns=1, timeout=wait)
@@ -329,7 +335,10 @@ class RayEngine:
                 continue
             if self.actors[job.slot] is job.actor:
                 self.fresh.discard(job.slot)
-            out.update(zip(job.positions, self._check(got, job, clients, weights), strict=True))
+            updates, seconds = got if isinstance(got, tuple) and len(got) == 2 else (got, 0.0)
+            self.last_worker_seconds = max(self.last_worker_seconds, float(seconds))
+            out.update(zip(job.positions, self._check(updates, job, clients, weights),
+                           strict=True))
         return [out[i] for i in range(len(clients))]
 
     def _move(self, job: _Job, why: str) -> None:
