@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +36,9 @@ from fedlearn.tasks.base import (
 )
 from fedlearn.types import ClientResult, EvalResult, Weights
 from fedlearn.weights import check, spec_of, subtract
+
+if TYPE_CHECKING:
+    from fedlearn.privacy.dpsgd import DPSGD, DPLedger
 
 EVAL_BATCH = 2000
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -268,9 +271,12 @@ class Trainer:
     """
 
     def __init__(self, task: Task, *, seed: int = 0, device: str = "cpu",
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", dp_sgd: DPSGD | None = None) -> None:
         self.task = task
         self.precision = precision
+        self.dp_sgd = dp_sgd
+        #: The DP-SGD ledger of the client this trainer serves (when fit is given none).
+        self.ledger: DPLedger | None = None
         self.device = resolve_device(device)
         self.model = build_task_model(task, seed).to(self.device) if task.uses_torch else None
         self.loss = per_sample_loss(task) if task.uses_torch else None
@@ -283,18 +289,21 @@ class Trainer:
 
     def fit(
         self, weights: Weights, data: Shard, config: TrainConfig, *, seed: int,
-        base_version: int = 0, slowdown: float = 1.0,
+        base_version: int = 0, slowdown: float = 1.0, ledger: DPLedger | None = None,
     ) -> ClientResult:
         """Train from ``weights`` on ``data``; the delta, example count and metrics.
 
         A fresh optimizer is made for each call (as in FedAvg); ``seed`` fixes the
-        data order.
+        data order. With DP-SGD the run is added to ``ledger`` (default: this
+        trainer's own) and the metrics carry the client's ε and δ so far.
         """
         started = time.perf_counter()
         self._load(weights)
         metrics: dict[str, float] = {}
         num = len(data)
-        if self.task.train is not None:
+        if self.dp_sgd is not None:
+            new, metrics = self._private_fit(data, config, seed, ledger)
+        elif self.task.train is not None:
             new, num, metrics = self._custom_train(weights, data, config, seed)
         else:
             if self.model is None:  # pragma: no cover - Task validates
@@ -312,6 +321,30 @@ class Trainer:
         metrics["seconds"] = time.perf_counter() - started
         return ClientResult(delta=subtract(new, weights), num_examples=num,
                             base_version=base_version, metrics=metrics)
+
+    def _private_fit(self, data: Shard, config: TrainConfig, seed: int,
+                     ledger: DPLedger | None) -> tuple[Weights, dict[str, float]]:
+        from fedlearn.privacy.dpsgd import DPLedger
+        from fedlearn.training_dp import dp_train_epochs
+
+        if ledger is None:
+            if self.ledger is None:
+                self.ledger = DPLedger()
+            ledger = self.ledger
+        spec = self.dp_sgd
+        if spec is None or self.model is None or self.task.train is not None \
+                or self.task.optimizer is not None:
+            raise ConfigError("--dp-sgd trains with fedlearn's own loop and optimizer; a task "
+                              "with its own train function or optimizer must add DP itself.")
+        model, task = self.model, self.task
+        rows = data.rows()
+        loss, steps = dp_train_epochs(
+            model, data.x.index_select(0, rows), data.y.index_select(0, rows), config, spec,
+            ledger, seed=seed, make_optimizer=lambda m: make_optimizer(m, config, task),
+            loss=self.loss or LOSSES["cross_entropy"], device=self.device)
+        metrics = {"train_loss": loss, "dp_steps": float(steps),
+                   "dp_epsilon": ledger.epsilon(spec.delta), "dp_delta": spec.delta}
+        return get_weights(model), metrics
 
     def _custom_train(
         self, weights: Weights, data: Shard, config: TrainConfig, seed: int

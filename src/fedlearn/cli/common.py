@@ -107,6 +107,17 @@ TestFractionOpt = Annotated[
     float, typer.Option("--test-fraction", help="Share of the local data held out as a local "
                         "test set (federated evaluation), split with the seed.")
 ]
+DPSGDOpt = Annotated[
+    str | None, typer.Option("--dp-sgd", metavar="NOISE:MAX_GRAD_NORM",
+                             help="Sample-level DP-SGD with Opacus: per-example clipping to "
+                             "MAX_GRAD_NORM, Gaussian noise NOISE x MAX_GRAD_NORM, Poisson "
+                             "batches; the client's epsilon is reported.")
+]
+#: δ at which DP-SGD's ε is reported (kept equal to fedlearn.privacy.dpsgd.DEFAULT_DELTA).
+DEFAULT_DELTA = 1e-5
+DPDeltaOpt = Annotated[
+    float, typer.Option("--dp-delta", help="The delta at which DP-SGD's epsilon is reported.")
+]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda or mps (auto: cuda when present).")
 ]

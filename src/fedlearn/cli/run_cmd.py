@@ -16,8 +16,11 @@ from typing import IO, Annotated, Any
 import typer
 
 from fedlearn.cli.common import (
+    DEFAULT_DELTA,
     DataOpt,
     DeviceOpt,
+    DPDeltaOpt,
+    DPSGDOpt,
     LabelOpt,
     TaskOpt,
     TestFractionOpt,
@@ -116,6 +119,8 @@ def run(
     concurrency: Annotated[int | None, typer.Option(
         "--concurrency", help="At most this many clients train at once on this machine "
         "(default: its core count when no --slowdown is given; 0: no limit).")] = None,
+    dp_sgd: DPSGDOpt = None,
+    dp_delta: DPDeltaOpt = DEFAULT_DELTA,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.")] = None,
 ) -> None:
     """Start a server and N clients on 127.0.0.1 and run a federated training to the end."""
@@ -126,6 +131,10 @@ def run(
 
     if clients < 1:
         raise ConfigError(f"--clients must be at least 1, got {clients}.")
+    from fedlearn.privacy.dpsgd import parse_dp_sgd
+
+    private = ["--dp-sgd", str(dp_sgd), "--dp-delta", repr(dp_delta)] \
+        if parse_dp_sgd(dp_sgd, dp_delta) else []
     asynchronous = mode == "async"
     if asynchronous and rounds is not None:
         raise ConfigError("--rounds is for --mode sync; an async run stops at --max-updates or "
@@ -221,7 +230,7 @@ def run(
                 "--test-fraction", repr(test_fraction), "--device", device,
                 "--partition", parts[i], "--partition-seed", str(seed),
                 "--credential-file", str(run_dir / "clients" / f"client-{i}.json"),
-                "--slowdown", str(slow.get(i, 1.0)),
+                "--slowdown", str(slow.get(i, 1.0)), *private,
                 *(["--cpu-slot", str(logs / f".cpu-slot-{i % slots}")] if slots else []),
             ])
         if asynchronous:

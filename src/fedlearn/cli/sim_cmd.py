@@ -7,9 +7,12 @@ from typing import Annotated, Any
 import typer
 
 from fedlearn.cli.common import (
+    DEFAULT_DELTA,
     DataOpt,
     DatasetOpt,
     DeviceOpt,
+    DPDeltaOpt,
+    DPSGDOpt,
     LabelOpt,
     ModelOpt,
     OutOpt,
@@ -43,6 +46,8 @@ def sim(
         "[default: as many as half the free memory holds; printed]")] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16 (bfloat16 "
                          "autocast for training).")] = "fp32",
+    dp_sgd: DPSGDOpt = None,
+    dp_delta: DPDeltaOpt = DEFAULT_DELTA,
     task: TaskOpt = None,
     dataset: DatasetOpt = "fashion-mnist",
     model: ModelOpt = "mlp",
@@ -94,7 +99,8 @@ def sim(
         engine=engine, dataset=dataset, model=model, task=ref.get("task", ""), data=data,
         label=label, test_fraction=test_fraction, eval_every=eval_every,
         eval_fraction=eval_fraction, strategy=strategy, server_lr=server_lr, seed=seed,
-        max_parallel=max_parallel, precision=precision, train=train,
+        max_parallel=max_parallel, precision=precision, dp_sgd=dp_sgd, dp_delta=dp_delta,
+        train=train,
     )
     device = device_name(device)
     torch.set_num_threads(threads)

@@ -125,8 +125,13 @@ class WorkerConfig:
     ca_file: str | None = None
     cpu_slot: str | None = None
     max_offline: int = 10
+    dp_sgd: str | None = None
+    dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
+        from fedlearn.privacy.dpsgd import parse_dp_sgd
+
+        parse_dp_sgd(self.dp_sgd, self.dp_delta)
         if not self.client_id.strip():
             raise ConfigError("the client id is empty; pass --client-id NAME.")
         if not 0 < self.poll_wait <= MAX_POLL_WAIT:
@@ -277,8 +282,16 @@ class _Worker:
     def prepare(self) -> None:
         """Load this client's data for its task (before anything is sent)."""
         if self.local is None and self.task is not None:
+            from fedlearn.privacy.dpsgd import parse_dp_sgd
+
+            dp_sgd = parse_dp_sgd(self.config.dp_sgd, self.config.dp_delta)
+            ledger = (None if self.config.credential_file is None
+                      else self.config.credential_file.removesuffix(".json") + ".dpsgd.json")
             self.local = LocalClient(self.task, data_context(self.config),
-                                     seed=self.config.partition_seed, device=self.config.device)
+                                     seed=self.config.partition_seed, device=self.config.device,
+                                     dp_sgd=dp_sgd, ledger_file=ledger)
+            if dp_sgd is not None:
+                self.log(f"{dp_sgd.describe()}; ε reported at δ = {dp_sgd.delta:g}")
 
     def register(self) -> None:
         """Register (with retries), refusing a server whose task is not ours."""
@@ -435,8 +448,12 @@ def describe(metrics: Mapping[str, float]) -> str:
         parts.append(f"train loss {metrics['train_loss']:.4f}")
     if "train_accuracy" in metrics:
         parts.append(f"accuracy {100.0 * metrics['train_accuracy']:.2f}%")
+    if "dp_epsilon" in metrics:
+        parts.append(f"DP-SGD ε {metrics['dp_epsilon']:.3f} at δ {metrics.get('dp_delta', 0):g} "
+                     "so far")
     parts += [f"{k} {v:.4f}" for k, v in metrics.items()
-              if k not in ("train_loss", "train_accuracy", "seconds")]
+              if k not in ("train_loss", "train_accuracy", "seconds", "dp_epsilon", "dp_delta",
+                           "dp_steps")]
     if "seconds" in metrics:
         parts.append(f"{metrics['seconds']:.1f}s")
     return ", ".join(parts)

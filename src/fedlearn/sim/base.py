@@ -9,7 +9,7 @@ evaluation, the run directory). Client data is never copied up front: a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -39,6 +39,7 @@ class ClientUpdate:
     client_id: str
     delta: Weights
     num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Engine(Protocol):

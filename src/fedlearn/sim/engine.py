@@ -29,6 +29,7 @@ from fedlearn.config import TrainConfig
 from fedlearn.data import parse_partition
 from fedlearn.errors import ConfigError, PartitionError
 from fedlearn.metrics import weighted_means
+from fedlearn.privacy.dpsgd import DPSGD, parse_dp_sgd
 from fedlearn.runs import RunDir, final_metrics
 from fedlearn.seeding import task_seed
 from fedlearn.sim.base import ENGINES, PRECISIONS, ClientTask, ClientUpdate, Engine
@@ -64,6 +65,8 @@ class SimConfig:
     seed: int = 0
     max_parallel: int | None = None
     precision: str = "fp32"
+    dp_sgd: str | None = None
+    dp_delta: float = 1e-5
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -85,6 +88,9 @@ class SimConfig:
         if self.max_parallel is not None and self.max_parallel < 1:
             raise ConfigError(f"--max-parallel must be at least 1, got {self.max_parallel}.")
         check_precision(self.precision)
+        from fedlearn.privacy.dpsgd import parse_dp_sgd
+
+        parse_dp_sgd(self.dp_sgd, self.dp_delta)
         if self.eval_every < 1:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}.")
         if self.eval_fraction is not None and not 0 < self.eval_fraction <= 1:
@@ -132,6 +138,7 @@ def make_engine(
     device: str = "cpu",
     max_parallel: int | None = None,
     precision: str = "fp32",
+    dp_sgd: DPSGD | None = None,
     log: Callable[[str], None] = print,
 ) -> Engine:
     """The engine ``name`` for ``task`` on the pooled training rows ``(x, y)``.
@@ -142,7 +149,8 @@ def make_engine(
     can stack; otherwise it falls back to ``sequential``, saying why in one
     line through ``log``. ``max_parallel`` caps the clients stacked at once
     (None: as many as memory holds); ``precision`` is ``fp32`` or ``bf16``
-    (autocast). The rows move to ``device`` once, here.
+    (autocast). The rows move to ``device`` once, here. ``dp_sgd`` trains
+    each client with Opacus's DP-SGD, one client after another.
     """
     from fedlearn.training import Trainer
 
@@ -151,7 +159,11 @@ def make_engine(
     if name not in ENGINES:
         raise ConfigError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}.")
     check_precision(precision)
-    trainer = Trainer(task, seed=seed, device=device, precision=precision)
+    trainer = Trainer(task, seed=seed, device=device, precision=precision, dp_sgd=dp_sgd)
+    if dp_sgd is not None and trainer.model is not None:
+        from fedlearn.training_dp import check_private_model
+
+        check_private_model(trainer.model)
     if name == "vectorized":
         why = _vectorized_reason(task, trainer)
         if why is None and trainer.model is not None and task.loss_name == "cross_entropy" \
@@ -189,6 +201,8 @@ def _vectorized_reason(task: Task, trainer: Any) -> str | None:
         return "the task has no torch model"
     if task.loss_name is None:
         return "the task's loss is its own function"
+    if trainer.dp_sgd is not None:
+        return "DP-SGD trains through Opacus, one client at a time"
     return None
 
 
@@ -230,6 +244,8 @@ class Simulation:
             initial_state(task, config.seed))
         self.strategy = make_strategy(config.strategy, server_lr=config.server_lr)
         self.test_shards: dict[str, Shard] = {}
+        #: The largest DP-SGD ε any client has spent so far (0 without --dp-sgd).
+        self.dp_sgd_epsilon = 0.0
         self.contexts = self._contexts()
         if task.script is not None:
             self.engine: Engine = ScriptEngine(task, self.contexts, seed=config.seed,
@@ -249,7 +265,9 @@ class Simulation:
             self.engine = make_engine(config.engine, task, pool.x, pool.y, config.train,
                                       seed=config.seed, device=device,
                                       max_parallel=config.max_parallel,
-                                      precision=config.precision, log=log)
+                                      precision=config.precision,
+                                      dp_sgd=parse_dp_sgd(config.dp_sgd, config.dp_delta),
+                                      log=log)
         evaluable = task.model is not None or task.evaluate is not None
         self.evaluator = Trainer(task, seed=config.seed, device=device) if evaluable else None
         test = server_test_data(task) if evaluable else None
@@ -299,6 +317,10 @@ class Simulation:
         if self.test is not None and self.evaluator is not None:
             record.update(self.evaluator.evaluate(self.state.weights, self.test).metrics)
         record.update(self._federated_eval(rnd))
+        spent = [u.metrics["dp_epsilon"] for u in updates if "dp_epsilon" in u.metrics]
+        if spent:
+            self.dp_sgd_epsilon = max(self.dp_sgd_epsilon, *spent)
+            record["dp_sgd_epsilon_max"] = self.dp_sgd_epsilon
         record.update({
             "seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
