@@ -81,6 +81,7 @@ def simulate(
     label: str | None = None, test_fraction: float = 0.0,
     config: Mapping[str, Any] | TrainConfig | None = None, seed: int = 0, eval_every: int = 1,
     eval_fraction: float | None = None, strategy: str = "fedavg", server_lr: float = 1.0,
+    attack: str | None = None, attackers: float | None = None,
     out: str | Path | None = None, device: str = "cpu",
     on_round: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = lambda line: None,
@@ -89,6 +90,9 @@ def simulate(
 
     ``per_round`` clients (default all) train each round; ``data`` may contain
     ``{i}`` for the client index; ``config`` is the round's training config.
+    ``attack`` (``"sign-flip"``, ``"scale:F"``, ``"gaussian:SIGMA"``, ``"label-flip"``,
+    ``"same-value:V"``) makes an ``attackers`` share of the clients (default 0.2)
+    malicious, for robustness evaluation.
     """
     from fedlearn.runs import RunDir
     from fedlearn.sim import SimConfig, config_record, run_simulation
@@ -99,7 +103,8 @@ def simulate(
         clients=clients, per_round=per_round or clients, partition=partition, rounds=rounds,
         engine=engine, task=the_task.name, data=None if data is None else str(data),
         label=label, test_fraction=test_fraction, eval_every=eval_every,
-        eval_fraction=eval_fraction, strategy=strategy, server_lr=server_lr, seed=seed,
+        eval_fraction=eval_fraction, attack=attack or "", attackers=attackers,
+        strategy=strategy, server_lr=server_lr, seed=seed,
         train=_train_config(the_task, config),
     )
     run = RunDir.create(_out(out, "sim"), config_record(sim))

@@ -133,6 +133,13 @@ def client(
         int, typer.Option("--max-offline", help="Async runs: trainings in a row to go on with "
                           "while the server stays unreachable, before giving up.")
     ] = 10,
+    attack: Annotated[
+        str | None, typer.Option("--attack", help="For robustness benchmarks only: this client "
+                                 "attacks the run, sending sign-flip[:F] (-F x delta), scale:F, "
+                                 "gaussian:SIGMA (noise) or same-value:V instead of its delta, "
+                                 "or training on flipped labels (label-flip).",
+                                 rich_help_panel="Robustness benchmarks")
+    ] = None,
 ) -> None:
     """Join a server's run: train on local data each round and send the updates."""
     from fedlearn.client.identity import default_credential_file
@@ -167,6 +174,7 @@ def client(
         max_wait=max_wait, slowdown=slowdown,
         ca_file=None if ca_file is None else str(ca_file),
         cpu_slot=None if cpu_slot is None else str(cpu_slot), max_offline=max_offline,
+        attack=attack or "",
     )
     set_threads(threads)
 

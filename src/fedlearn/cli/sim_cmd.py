@@ -7,6 +7,8 @@ from typing import Annotated, Any
 import typer
 
 from fedlearn.cli.common import (
+    AttackersOpt,
+    AttackOpt,
     DataOpt,
     DatasetOpt,
     DeviceOpt,
@@ -65,6 +67,8 @@ def sim(
     = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Run seed (model, partition, "
                     "sampling, data order).")] = 0,
+    attack: AttackOpt = None,
+    attackers: AttackersOpt = None,
     device: DeviceOpt = "cpu",
     out: OutOpt = None,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch.")]
@@ -87,7 +91,8 @@ def sim(
         clients=clients, per_round=per_round, partition=partition, rounds=rounds,
         engine=engine, dataset=dataset, model=model, task=ref.get("task", ""), data=data,
         label=label, test_fraction=test_fraction, eval_every=eval_every,
-        eval_fraction=eval_fraction, strategy=strategy, server_lr=server_lr, seed=seed,
+        eval_fraction=eval_fraction, attack=attack or "", attackers=attackers,
+        strategy=strategy, server_lr=server_lr, seed=seed,
         train=train,
     )
     device = device_name(device)

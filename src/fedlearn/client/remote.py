@@ -54,6 +54,10 @@ class ServerUnavailable(RemoteError):
         self.url = url
 
 
+class PayloadRefused(RemoteError):
+    """The server refused what we sent as malformed or too large (HTTP 400 or 413)."""
+
+
 class RetriesExhausted(RemoteError):
     """The server stayed unreachable through every retry of :func:`with_retries`."""
 
@@ -289,6 +293,8 @@ class RemoteServer:
             raise AuthError(detail)
         if code == 409:
             raise ConflictError(detail)
+        if code in (400, 413):
+            raise PayloadRefused(f"the server refused {method} {path} ({code}): {detail}")
         raise RemoteError(f"the server refused {method} {path} ({code}): {detail}")
 
     def _json(self, response: httpx.Response, what: str) -> dict[str, Any]:
