@@ -256,6 +256,7 @@ class _Worker:
         self.refused = 0
         self.last_round = 0
         self.attackers = Attackers()
+        self.refused_task = ""  # an attacker's task whose update the server refused
 
     def call(self, fn: Callable[[], T]) -> T:
         """``fn()`` retried while the server is unreachable.
@@ -403,6 +404,11 @@ class _Worker:
         if task.action != "train":
             raise RemoteError(f"the server sent an unknown task action {task.action!r}; use "
                               "the same fedlearn version on server and clients.")
+        if task.task_id and task.task_id == self.refused_task:
+            # The server keeps a refused attacker's task open until the round's deadline:
+            # wait for the next one instead of training and sending it again and again.
+            self.sleep(min(self.config.poll_wait, 2.0))
+            return False
         self.train(task)
         return False
 
@@ -462,6 +468,7 @@ class _Worker:
             if not self.attackers.active:
                 raise
             self.refused += 1  # the server's checks caught the attack: that is their job
+            self.refused_task = task.task_id
             self.log(f"{line}; attacked update refused: {exc}")
             return
         self.trained += 1
