@@ -127,7 +127,7 @@ def check_attack_config(spec: str, fraction: float | None, clients: int) -> floa
 def choose_attackers(client_ids: Sequence[str], fraction: float, seed: int) -> list[str]:
     """The attacking clients: a seeded choice of ``fraction`` of ``client_ids``, in their order.
 
-    The choice depends only on the ids, the fraction and the run seed, so a
+    The choice depends only on the number of ids, the fraction and the run seed, so a
     simulated run and ``fedlearn run`` with the same flags pick the same clients.
     """
     count = check_fraction(fraction, len(client_ids)) or 0

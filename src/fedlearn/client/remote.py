@@ -55,7 +55,8 @@ class ServerUnavailable(RemoteError):
 
 
 class PayloadRefused(RemoteError):
-    """The server refused what we sent as malformed or too large (HTTP 400 or 413)."""
+    """The server refused an update as malformed, too large or over its norm limit (HTTP 400
+    or 413 to ``POST /api/update``)."""
 
 
 class RetriesExhausted(RemoteError):
@@ -293,7 +294,7 @@ class RemoteServer:
             raise AuthError(detail)
         if code == 409:
             raise ConflictError(detail)
-        if code in (400, 413):
+        if code in (400, 413) and path == "/api/update":
             raise PayloadRefused(f"the server refused {method} {path} ({code}): {detail}")
         raise RemoteError(f"the server refused {method} {path} ({code}): {detail}")
 
