@@ -138,6 +138,13 @@ def client(
     ] = 10,
     dp_sgd: DPSGDOpt = None,
     dp_delta: DPDeltaOpt = DEFAULT_DELTA,
+    attack: Annotated[
+        str | None, typer.Option("--attack", help="For robustness benchmarks only: this client "
+                                 "attacks the run, sending sign-flip[:F] (-F x delta), scale:F, "
+                                 "gaussian:SIGMA (noise) or same-value:V instead of its delta, "
+                                 "or training on flipped labels (label-flip).",
+                                 rich_help_panel="Robustness benchmarks")
+    ] = None,
 ) -> None:
     """Join a server's run: train on local data each round and send the updates."""
     from fedlearn.client.identity import default_credential_file
@@ -173,6 +180,7 @@ def client(
         ca_file=None if ca_file is None else str(ca_file),
         cpu_slot=None if cpu_slot is None else str(cpu_slot), max_offline=max_offline,
         dp_sgd=dp_sgd, dp_delta=dp_delta,
+        attack=attack or "",
     )
     set_threads(threads)
 

@@ -8,6 +8,8 @@ import typer
 
 from fedlearn.cli.common import (
     DEFAULT_DELTA,
+    AttackersOpt,
+    AttackOpt,
     DataOpt,
     DatasetOpt,
     DeviceOpt,
@@ -76,6 +78,8 @@ def sim(
     = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Run seed (model, partition, "
                     "sampling, data order).")] = 0,
+    attack: AttackOpt = None,
+    attackers: AttackersOpt = None,
     device: DeviceOpt = "cpu",
     out: OutOpt = None,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch.")]
@@ -100,7 +104,7 @@ def sim(
         label=label, test_fraction=test_fraction, eval_every=eval_every,
         eval_fraction=eval_fraction, strategy=strategy, server_lr=server_lr, seed=seed,
         max_parallel=max_parallel, precision=precision, dp_sgd=dp_sgd, dp_delta=dp_delta,
-        train=train,
+        attack=attack or "", attackers=attackers, train=train,
     )
     device = device_name(device)
     torch.set_num_threads(threads)

@@ -18,13 +18,14 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedlearn.attacks import Attackers, check_attack_config
 from fedlearn.config import TrainConfig
 from fedlearn.data import parse_partition
 from fedlearn.errors import ConfigError, PartitionError
@@ -60,6 +61,8 @@ class SimConfig:
     test_fraction: float = 0.0
     eval_every: int = 1
     eval_fraction: float | None = None
+    attack: str = ""
+    attackers: float | None = None
     strategy: str = "fedavg"
     server_lr: float = 1.0
     seed: int = 0
@@ -105,6 +108,9 @@ class SimConfig:
                 "(iid, dirichlet:A or shards:K) and the simulator hands out the parts."
             )
         make_strategy(self.strategy, server_lr=self.server_lr)
+        # --attack without --attackers: the default share, written down as resolved.
+        object.__setattr__(self, "attackers",
+                           check_attack_config(self.attack, self.attackers, self.clients))
         if _sample_size(self.clients, self.per_round) != self.per_round:
             raise ConfigError(  # pragma: no cover - ceil(K/N * N) is K for any sane N
                 f"--per-round {self.per_round} of {self.clients} clients cannot be "
@@ -247,6 +253,8 @@ class Simulation:
         #: The largest DP-SGD ε any client has spent so far (0 without --dp-sgd).
         self.dp_sgd_epsilon = 0.0
         self.contexts = self._contexts()
+        self.attackers = Attackers.of(config.attack, config.attackers or 0.0, self.ids,
+                                      config.seed, task)
         if task.script is not None:
             self.engine: Engine = ScriptEngine(task, self.contexts, seed=config.seed,
                                                device=device)
@@ -254,7 +262,8 @@ class Simulation:
         else:
             parts = [self._load(i) for i in range(config.clients)]
             xs = np.concatenate([p.train.x for p in parts])
-            ys = np.concatenate([p.train.y for p in parts])
+            ys = np.concatenate([self.attackers.labels(cid, p.train.y)
+                                 for cid, p in zip(self.ids, parts, strict=True)])
             ends = np.cumsum([len(p.train) for p in parts])
             self.rows = {cid: np.arange(end - len(p.train), end, dtype=np.int64)
                          for cid, p, end in zip(self.ids, parts, ends, strict=True)}
@@ -312,6 +321,11 @@ class Simulation:
         t1 = time.perf_counter()
         updates = self.engine.train_round(self.state.weights, tasks, self.train_config)
         train_seconds = time.perf_counter() - t1
+        if self.attackers.active:
+            seeds = {t.client_id: t.seed for t in tasks}
+            updates = [replace(u, delta=self.attackers.delta(u.client_id, u.delta,
+                                                             seeds[u.client_id]))
+                       for u in updates]
         self.state = self.strategy.apply(self.state, aggregate(updates))
         record: dict[str, Any] = {"round": rnd}
         if self.test is not None and self.evaluator is not None:
@@ -378,6 +392,10 @@ def run_simulation(
     """
     started = time.perf_counter()
     sim = Simulation(config, task, device=device, log=log)
+    if sim.attackers.attack is not None:
+        run.write_attackers(sim.attackers.record())
+        log(f"attack {sim.attackers.attack}: {len(sim.attackers.ids)} of {config.clients} "
+            f"clients attack (listed in {run.path / 'attackers.json'})")
     history: list[dict[str, Any]] = []
     try:
         for rnd in range(1, config.rounds + 1):
