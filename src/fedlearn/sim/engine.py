@@ -6,9 +6,11 @@ the same model: the same initial state (the task's model under the run
 seed), the same client ids (``client-{i}`` holding what the task's data
 function gives client ``i`` of N), the same sample (``sample_clients`` with
 fraction K/N), the same data seeds (``task_seed(seed, round, client_id)``), the
-same round config, and FedAvg over a :class:`~fedlearn.weights.RunningSum` of
-deltas weighted by example counts. Only the training differs, and that is
-the engine's business.
+same round config, and the same strategy, configured and closed by the same
+code (:mod:`fedlearn.rounds`). SCAFFOLD's client control variates are held
+per virtual client in memory. Only the training differs, and that is the
+engine's business. A round whose aggregate is unusable keeps the previous
+model and says why in its record (``failed``).
 """
 
 from __future__ import annotations
@@ -25,19 +27,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlearn.config import TrainConfig
+from fedlearn.config import OBJECT_PREFIX, TrainConfig, build_strategy
 from fedlearn.data import parse_partition
 from fedlearn.errors import ConfigError, PartitionError
 from fedlearn.metrics import weighted_means
+from fedlearn.rounds import RoundFailed, RoundUpdates, close_round, round_config
 from fedlearn.runs import RunDir, final_metrics
 from fedlearn.seeding import task_seed
-from fedlearn.sim.base import ENGINES, ClientTask, ClientUpdate, Engine
+from fedlearn.sim.base import ENGINES, ClientTask, Engine
 from fedlearn.sim.sequential import ScriptEngine, SequentialEngine
 from fedlearn.sim.vectorized import VectorizedEngine, unsupported_reason
-from fedlearn.strategies import make_strategy, sample_clients
+from fedlearn.strategies import Strategy, Update, sample_clients
 from fedlearn.tasks.base import ClientData, Task
-from fedlearn.types import Weights
-from fedlearn.weights import RunningSum
+from fedlearn.types import ControlVariates, Weights
 
 RoundHook = Callable[[dict[str, Any]], None]
 
@@ -60,7 +62,13 @@ class SimConfig:
     eval_every: int = 1
     eval_fraction: float | None = None
     strategy: str = "fedavg"
-    server_lr: float = 1.0
+    server_lr: float | None = None
+    server_momentum: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    tau: float | None = None
+    prox_mu: float | None = None
+    clip_norm: float | None = None
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -93,7 +101,8 @@ class SimConfig:
                 f"--partition {self.partition} names one part; give the whole split "
                 "(iid, dirichlet:A or shards:K) and the simulator hands out the parts."
             )
-        make_strategy(self.strategy, server_lr=self.server_lr)
+        if not self.strategy.startswith(OBJECT_PREFIX):
+            check_per_round(build_strategy(self), self.per_round)
         if _sample_size(self.clients, self.per_round) != self.per_round:
             raise ConfigError(  # pragma: no cover - ceil(K/N * N) is K for any sane N
                 f"--per-round {self.per_round} of {self.clients} clients cannot be "
@@ -178,17 +187,18 @@ def client_ids(clients: int) -> list[str]:
     return [f"client-{i}" for i in range(clients)]
 
 
-def aggregate(updates: list[ClientUpdate]) -> RunningSum:
-    """The deltas of a round folded into a RunningSum weighted by examples, by sorted id."""
-    sums = RunningSum()
-    for update in sorted(updates, key=lambda u: u.client_id):
-        sums.add(update.delta, float(update.num_examples))
-    return sums
+def check_per_round(strategy: Strategy, per_round: int) -> None:
+    """Refuse a strategy whose rule needs more updates a round than ``per_round``."""
+    if per_round < strategy.min_updates:
+        raise ConfigError(f"strategy {strategy.name} needs at least {strategy.min_updates} "
+                          f"updates a round but --per-round is {per_round}; sample more "
+                          "clients or choose a smaller F.")
 
 
 class Simulation:
-    """A simulated run held in memory: clients' data, engine and global model, round by round.
+    """A simulated run held in memory: clients' data, engine, strategy and its state.
 
+    ``strategy`` is the run's strategy object (None: the one ``config`` names).
     ``log`` hears the one-line notice of an engine fallback.
     """
 
@@ -197,6 +207,7 @@ class Simulation:
         config: SimConfig,
         task: Task,
         *,
+        strategy: Strategy | None = None,
         device: str = "cpu",
         log: Callable[[str], None] = print,
     ) -> None:
@@ -207,9 +218,11 @@ class Simulation:
         self.task = task
         self.ids = client_ids(config.clients)
         self.train_config = config.train
-        self.state = make_strategy(config.strategy, server_lr=config.server_lr).init(
-            initial_state(task, config.seed))
-        self.strategy = make_strategy(config.strategy, server_lr=config.server_lr)
+        self.strategy = strategy if strategy is not None else build_strategy(config)
+        check_per_round(self.strategy, config.per_round)
+        self.state = self.strategy.init(initial_state(task, config.seed))
+        #: SCAFFOLD: each virtual client's own control variate (from its first round)
+        self.controls: dict[str, Weights] = {}
         self.test_shards: dict[str, Shard] = {}
         self.contexts = self._contexts()
         if task.script is not None:
@@ -227,7 +240,9 @@ class Simulation:
                 if p.test is not None and len(p.test):
                     self.test_shards[cid] = Shard.of(p.test)
             pool = Shard.from_numpy(xs, ys)
-            self.engine = make_engine(config.engine, task, pool.x, pool.y, config.train,
+            # The engine is chosen for the rounds' config (FedProx's term, SCAFFOLD's steps).
+            first = round_config(self.strategy, self.state, config.train, 1)
+            self.engine = make_engine(config.engine, task, pool.x, pool.y, first,
                                       seed=config.seed, device=device, log=log)
         evaluable = task.model is not None or task.evaluate is not None
         self.evaluator = Trainer(task, seed=config.seed, device=device) if evaluable else None
@@ -261,20 +276,36 @@ class Simulation:
         return self.state.weights
 
     def run_round(self, rnd: int) -> dict[str, Any]:
-        """Round ``rnd`` (1-based): sample, train, FedAvg, evaluate; its metrics record."""
+        """Round ``rnd`` (1-based): sample, train, aggregate, evaluate; its metrics record."""
         config = self.config
         t0 = time.perf_counter()
         sampled = sample_clients(
             self.ids, config.fraction, seed=config.seed, round_number=rnd, attempt=0, minimum=1
         )
+        server = self.strategy.client_arrays(self.state).get("c")
         tasks = [
-            ClientTask(cid, self.rows[cid], task_seed(config.seed, rnd, cid)) for cid in sampled
+            ClientTask(cid, self.rows[cid], task_seed(config.seed, rnd, cid),
+                       None if server is None else ControlVariates(server, self.controls.get(
+                           cid) or {k: np.zeros_like(v) for k, v in server.items()}))
+            for cid in sampled
         ]
         t1 = time.perf_counter()
-        updates = self.engine.train_round(self.state.weights, tasks, self.train_config)
+        round_cfg = round_config(self.strategy, self.state, self.train_config, rnd)
+        updates = self.engine.train_round(self.state.weights, tasks, round_cfg)
         train_seconds = time.perf_counter() - t1
-        self.state = self.strategy.apply(self.state, aggregate(updates))
+        collected = RoundUpdates(self.strategy)
+        for u in sorted(updates, key=lambda u: u.client_id):
+            collected.add(Update(u.delta, u.num_examples, u.extra, u.client_id))
         record: dict[str, Any] = {"round": rnd}
+        try:
+            self.state = close_round(self.strategy, self.state, collected,
+                                     num_clients=config.clients)
+        except RoundFailed as exc:
+            record["failed"] = str(exc)
+        else:
+            for u in updates:
+                if u.control is not None:
+                    self.controls[u.client_id] = u.control
         if self.test is not None and self.evaluator is not None:
             record.update(self.evaluator.evaluate(self.state.weights, self.test).metrics)
         record.update(self._federated_eval(rnd))
@@ -325,8 +356,11 @@ def run_simulation(
     on_round: RoundHook | None = None,
     log: Callable[[str], None] = print,
     device: str = "cpu",
+    strategy: Strategy | None = None,
 ) -> dict[str, Any]:
     """Simulate ``config.rounds`` rounds of ``task`` in this process, writing ``run``.
+
+    ``strategy`` is the run's strategy object (None: the one ``config`` names).
 
     Each round appends {round, loss and the task's metrics (server test data),
     fed_* (clients' own test data), seconds, train_seconds, clients, examples}
@@ -334,7 +368,7 @@ def run_simulation(
     ``model.safetensors``, ``summary.json`` and ``report.png``. Returns the summary.
     """
     started = time.perf_counter()
-    sim = Simulation(config, task, device=device, log=log)
+    sim = Simulation(config, task, strategy=strategy, device=device, log=log)
     history: list[dict[str, Any]] = []
     try:
         for rnd in range(1, config.rounds + 1):

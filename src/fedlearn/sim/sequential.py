@@ -49,8 +49,10 @@ class SequentialEngine:
         out = []
         for task in clients:
             shard = Shard(self.x, self.y, task.indices)
-            result = self.trainer.fit(weights, shard, config, seed=task.seed)
-            out.append(ClientUpdate(task.client_id, result.delta, result.num_examples))
+            result = self.trainer.fit(weights, shard, config, seed=task.seed,
+                                      control=task.control)
+            out.append(ClientUpdate(task.client_id, result.delta, result.num_examples,
+                                    result.extra, result.control))
         return out
 
 
@@ -81,7 +83,8 @@ class ScriptEngine:
         """Each sampled client's script trains from ``weights``, one after another."""
         out = []
         for task in clients:
-            result = self._client(task.client_id).fit(weights, config, seed=task.seed)
+            result = self._client(task.client_id).fit(weights, config, seed=task.seed,
+                                                      control=task.control)
             out.append(ClientUpdate(task.client_id, result.delta, result.num_examples))
         return out
 

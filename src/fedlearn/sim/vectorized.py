@@ -56,6 +56,8 @@ def unsupported_reason(model: nn.Module, config: TrainConfig) -> str | None:
         return "it only trains float32 parameters"
     if config.optimizer not in ("sgd", "adam"):
         return f"it does not implement the {config.optimizer} optimizer"
+    if config.prox_mu > 0 or config.scaffold:
+        return "its hand-written steps have no FedProx term or SCAFFOLD correction"
     return None
 
 
@@ -123,6 +125,9 @@ class VectorizedEngine:
         self, weights: Weights, clients: list[ClientTask], config: TrainConfig
     ) -> list[ClientUpdate]:
         """Train every client in ``clients`` from ``weights``, all at once."""
+        if config.prox_mu > 0 or any(c.control is not None for c in clients):
+            raise ValueError("the mlp engine has no FedProx term or SCAFFOLD correction; "
+                             "make_engine picks another engine for such rounds")
         plan = make_schedule(clients, config.batch_size, config.epochs)
         k = len(clients)
         start = [torch.from_numpy(np.array(weights[n], dtype=np.float32)) for n in PARAMS]
