@@ -92,7 +92,7 @@ def test_arrival_order_never_changes_the_result(spec: str) -> None:
 def test_too_few_updates_for_the_rule_fail_the_round() -> None:
     s = parse_strategy("krum:1")
     assert s.min_updates == 5
-    with pytest.raises(RoundFailed, match="krum .f=1. needs at least 5 updates"):
+    with pytest.raises(RoundFailed, match=r"krum \(f=1\) needs at least 5 updates"):
         closed(s, [up("a", 1, 1, 1), up("b", 2, 2, 1)])
 
 
