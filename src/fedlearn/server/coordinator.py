@@ -20,11 +20,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from fedlearn.config import ServerConfig, TrainConfig
-from fedlearn.errors import ConfigError, ConflictError, PayloadError
+from fedlearn.errors import ConflictError, PayloadError
 from fedlearn.rounds import (
     RoundFailed,
     RoundUpdates,
@@ -33,10 +32,11 @@ from fedlearn.rounds import (
     restore,
     round_config,
 )
-from fedlearn.seeding import rng_for, task_seed
+from fedlearn.seeding import task_seed
 from fedlearn.server.clients import ClientRegistry, check_identity
 from fedlearn.server.fedeval import FedEval
 from fedlearn.server.store import Store
+from fedlearn.server.sync_round import OpenRound, wire_for
 from fedlearn.server.sync_types import DONE, WAIT, Evaluator, Task, eval_record
 from fedlearn.strategies import ServerState, Strategy, Update, sample_clients
 from fedlearn.types import Weights
@@ -60,20 +60,6 @@ PICKUP_SECONDS = 15.0
 RETURN_WAIT_SECONDS = 60.0
 #: Answers to updates kept for replays (a client retrying after a timeout gets the same one).
 REPLAY_MEMORY = 10_000
-
-@dataclass
-class _Round:
-    number: int
-    attempt: int
-    sampled: frozenset[str]
-    deadline: float
-    started: float
-    updates: RoundUpdates
-    config: dict[str, Any]
-    received: dict[str, int] = field(default_factory=dict)
-    train_loss: float = 0.0
-    picked: set[str] = field(default_factory=set)  # sampled clients that took their task
-
 
 class SyncCoordinator:
     """Runs ``config.rounds`` rounds of sampling, local training and ``strategy``.
@@ -107,19 +93,10 @@ class SyncCoordinator:
         self.on_round = on_round or (lambda record: None)
         self.strategy = strategy
         self.spec: Spec = spec_of(initial)
-        start = strategy.init(initial)
+        wire = wire_for(strategy, initial)
         #: groups of arrays sent beside the model, and of deltas sent beside a delta
-        self.model_extras = tuple(sorted(strategy.client_arrays(start)))
-        self.update_extras = ("delta_c",) if strategy.scaffold else ()
-        self.update_spec: Spec = spec_of(pack(initial, {
-            g: {k: v for k, v in initial.items() if v.dtype.kind == "f"}
-            for g in self.update_extras}))
-        clash = sorted(k for k in initial for g in (*self.model_extras, *self.update_extras)
-                       if k.startswith(g + "/"))
-        if clash:
-            raise ConfigError(f"strategy {strategy.name!r} sends arrays named GROUP/NAME beside "
-                              f"the model, which {clash[0]!r} of the task's state would clash "
-                              "with; rename it or choose another strategy.")
+        self.model_extras, self.update_extras = wire.model_extras, wire.update_extras
+        self.update_spec: Spec = wire.update_spec
         #: the fewest updates that make a round: --min-results, or more if the rule needs it
         self.min_results = max(config.min_results, strategy.min_updates)
         self._lock = threading.Lock()
@@ -140,10 +117,10 @@ class SyncCoordinator:
         else:
             # Rounds recorded before the first checkpoint are redone from the start.
             store.truncate_rounds(0)
-            self.state = start
+            self.state = strategy.init(initial)
         self.history: list[dict[str, Any]] = store.rounds()
         self.phase = "done" if self.state.version >= config.rounds else "waiting"
-        self._round: _Round | None = None
+        self._round: OpenRound | None = None
         self._attempt = 0  # of the next round to start (a rerun that had to wait keeps its count)
         self._closing = False
         self._pending: list[tuple[ServerState, dict[str, Any]]] = []
@@ -343,7 +320,7 @@ class SyncCoordinator:
                 if self.state.version >= self.config.rounds:
                     return False
                 return self._start_round_locked(self.state.version + 1, attempt=self._attempt)
-            if self._replace_absent_locked(rnd, now):
+            if rnd.replace_absent(self._clients, now, self._pickup_seconds(), self.config.seed):
                 self.on_change()
                 return True
             complete = len(rnd.received) == len(rnd.sampled)
@@ -373,36 +350,9 @@ class SyncCoordinator:
             return self.config.pickup_timeout
         return min(PICKUP_SECONDS, self.config.round_timeout / 3)
 
-    def _pickup_by(self, rnd: _Round, client_id: str) -> float:
-        """When ``client_id`` must have picked up its task: the pickup time after the
-        round started or after it (re-)registered, whichever is later."""
-        return max(rnd.started, self._clients[client_id].registered_at) + self._pickup_seconds()
-
-    def _pickup_due_locked(self, rnd: _Round) -> list[float]:
-        return [self._pickup_by(rnd, cid)
-                for cid in rnd.sampled - rnd.picked - rnd.received.keys()]
-
-    def _replace_absent_locked(self, rnd: _Round, now: float) -> bool:
-        """Swap sampled clients that never picked up their task for others (True if any).
-
-        A client that registered and went silent must not make the round wait for
-        its whole deadline; it takes part again once it polls.
-        """
-        absent = {cid for cid in rnd.sampled - rnd.picked - rnd.received.keys()
-                  if self._pickup_by(rnd, cid) <= now}
-        if not absent:
-            return False
-        spare = sorted(c.client_id for c in self._clients
-                       if c.online and not c.dropped and c.client_id not in rnd.sampled)
-        for cid in absent:
-            self._clients[cid].dropped = True
-        rng = rng_for("replace", self.config.seed, rnd.number, rnd.attempt, len(rnd.picked))
-        chosen = ([spare[i] for i in rng.choice(len(spare), size=min(len(absent), len(spare)),
-                                                 replace=False)] if spare else [])
-        rnd.sampled = frozenset((rnd.sampled - absent) | set(chosen))
-        log.warning("round %d: %d sampled client(s) never picked up their task; replaced by "
-                    "%d other(s)", rnd.number, len(absent), len(chosen))
-        return True
+    def _pickup_due_locked(self, rnd: OpenRound) -> list[float]:
+        return [rnd.pickup_by(self._clients, cid, self._pickup_seconds())
+                for cid in rnd.waiting_for_pickup()]
 
     def _start_round_locked(self, number: int, attempt: int) -> bool:
         self._attempt = attempt
@@ -426,15 +376,15 @@ class SyncCoordinator:
         )
         now = self.clock()
         config = round_config(self.strategy, self.state, self.train_config, number).as_dict()
-        self._round = _Round(number, attempt, frozenset(sampled),
-                             now + self.config.round_timeout, now,
-                             RoundUpdates(self.strategy), config)
+        self._round = OpenRound(number, attempt, frozenset(sampled),
+                                now + self.config.round_timeout, now,
+                                RoundUpdates(self.strategy), config)
         self.phase = "training"
         self._started_once = True
         self.on_change()
         return True
 
-    def _close_round(self, rnd: _Round, now: float) -> None:
+    def _close_round(self, rnd: OpenRound, now: float) -> None:
         try:
             new_state = close_round(self.strategy, self.state, rnd.updates,
                                     num_clients=len(self._clients))
@@ -470,7 +420,7 @@ class SyncCoordinator:
         self.on_change()
         self._commit_pending()
 
-    def _fail_round(self, rnd: _Round, reason: str) -> None:
+    def _fail_round(self, rnd: OpenRound, reason: str) -> None:
         """Keep the previous model, record why, and run the round again with a new sample."""
         failure = {"round": rnd.number, "attempt": rnd.attempt + 1, "reason": reason}
         log.warning("round %d (attempt %d) failed: %s; the previous model stays and the "

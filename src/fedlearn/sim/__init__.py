@@ -7,8 +7,8 @@ model); ``vectorized`` trains all of them at once on stacked parameters.
 """
 
 from fedlearn.sim.base import ENGINES, ClientTask, ClientUpdate, Engine
+from fedlearn.sim.config import SimConfig
 from fedlearn.sim.engine import (
-    SimConfig,
     Simulation,
     client_ids,
     config_record,
