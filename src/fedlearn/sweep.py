@@ -56,7 +56,7 @@ from fedlearn.runs import SUMMARY, RunDir
 from fedlearn.sweep_compare import point_row, write_comparison
 
 if TYPE_CHECKING:
-    from fedlearn.sim.engine import SimConfig
+    from fedlearn.sim.config import SimConfig
     from fedlearn.tasks.base import Task
 
 #: Settings of the ``[sweep]`` table and their types.
@@ -150,7 +150,7 @@ def load_sweep(path: Path, **overrides: Any) -> SweepConfig:
 
 def sim_keys() -> list[str]:
     """The ``SimConfig`` fields a sweep's ``[sim]`` and ``[grid]`` may set."""
-    from fedlearn.sim.engine import SimConfig
+    from fedlearn.sim.config import SimConfig
 
     return [f.name for f in dataclasses.fields(SimConfig) if f.name not in PLACEMENT]
 
@@ -158,7 +158,7 @@ def sim_keys() -> list[str]:
 def make_points(sweep: SweepConfig, where: str = "the sweep file") -> list[Point]:
     """Every point of the grid, each checked (an error names the point and the problem)."""
     from fedlearn.config import from_mapping
-    from fedlearn.sim.engine import SimConfig
+    from fedlearn.sim.config import SimConfig
 
     allowed = sim_keys()
     for table, given in (("[sim]", list(sweep.sim)), ("[grid]", list(sweep.grid))):

@@ -30,6 +30,7 @@ from fedlearn.tasks import Task, builtin_task  # noqa: E402
 pytestmark = pytest.mark.slow
 
 BACKENDS = ("local", "ray")
+STRATEGIES = ("fedavg", "scaffold")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,27 +71,35 @@ def assert_same_model(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> Non
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
-    """The in-process sequential engine's model: the reference semantics."""
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, np.ndarray]]:
+    """The in-process sequential engine's model per strategy: the reference semantics."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    history = fedlearn.simulate(builtin_task("digits", "mlp"), clients=4, per_round=3,
-                                rounds=3, partition="dirichlet:1.0", seed=7,
-                                config=train().as_dict(), engine="sequential",
-                                out=tmp_path_factory.mktemp("reference") / "run")
+    out = {}
+    for strategy in STRATEGIES:
+        history = fedlearn.simulate(builtin_task("digits", "mlp"), clients=4, per_round=3,
+                                    rounds=3, partition="dirichlet:1.0", seed=7,
+                                    config=train().as_dict(), engine="sequential",
+                                    strategy=strategy,
+                                    out=tmp_path_factory.mktemp("reference") / strategy)
+        out[strategy] = history.weights
     torch.set_num_threads(before)
-    return history.weights
+    return out
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_backend_reaches_the_same_model(backend: str, tmp_path: Path,
-                                              reference: dict[str, np.ndarray]) -> None:
+def test_every_backend_reaches_the_same_model(
+        backend: str, strategy: str, tmp_path: Path,
+        references: dict[str, dict[str, np.ndarray]]) -> None:
+    """One body for both backends; SCAFFOLD's control variates travel to and from the workers."""
     lines: list[str] = []
     history = fedlearn.simulate(builtin_task("digits", "mlp"), clients=4, per_round=3,
                                 rounds=3, partition="dirichlet:1.0", seed=7,
                                 config=train().as_dict(), engine="vectorized",
-                                backend=backend, out=tmp_path / "run", log=lines.append)
-    assert_same_model(reference, history.weights)
+                                strategy=strategy, backend=backend, out=tmp_path / "run",
+                                log=lines.append)
+    assert_same_model(references[strategy], history.weights)
     assert history.summary["backend"] == backend
     assert history.summary["engine"] == "vectorized"
     assert [r["clients"] for r in history.records] == [3, 3, 3]

@@ -45,6 +45,7 @@ def test_simulate_without_ray_says_how_to_install_it(monkeypatch: pytest.MonkeyP
     ({"backend": "ray", "ray_cpus_per_worker": 0.0}, "--ray-cpus-per-worker must be positive"),
     ({"backend": "ray", "ray_gpus_per_worker": -1.0}, "--ray-gpus-per-worker must be 0"),
     ({"backend": "ray", "ray_timeout": 0.0}, "--ray-timeout must be positive"),
+    ({"backend": "ray", "dp_sgd": "1.1:1.0"}, "--dp-sgd keeps each client's privacy ledger"),
 ])
 def test_bad_placement_is_one_config_error(overrides: dict[str, object], words: str) -> None:
     with pytest.raises(ConfigError, match=words):

@@ -56,16 +56,19 @@ def assert_same_model(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> Non
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=k)
 
 
-def test_stopped_after_round_2_and_resumed_reaches_the_same_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "scaffold"])
+def test_stopped_after_round_2_and_resumed_reaches_the_same_model(tmp_path: Path,
+                                                                  strategy: str) -> None:
+    """Strategy state (Adam's moments, SCAFFOLD's server and client controls) comes back."""
     task = builtin_task("digits", "mlp")
-    cfg = config()
+    cfg = config(strategy=strategy)
     whole = RunDir.create(tmp_path / "whole", config_record(cfg))
     run_simulation(cfg, task, whole, log=lambda s: None)
 
     cut = RunDir.create(tmp_path / "cut", config_record(cfg))
     with pytest.raises(Stop):
         run_simulation(cfg, task, cut, log=lambda s: None, on_round=stop_after(2))
-    assert load_checkpoint(cut.path, seed=cfg.seed)[0] == 2
+    assert load_checkpoint(cut.path, seed=cfg.seed).round == 2
     assert not (cut.path / "summary.json").exists()
     seen: list[int] = []
     summary = run_simulation(cfg, task, cut, log=lambda s: None, resume=True,
@@ -102,7 +105,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path: Path
         run_simulation(cfg, task, run, log=lambda s: None, on_round=stop_after(2))
     newest = run.path / CHECKPOINTS / "sim-000002.safetensors"
     newest.write_bytes(newest.read_bytes()[:-7] + b"garbage")
-    assert load_checkpoint(run.path, seed=cfg.seed)[0] == 1
+    assert load_checkpoint(run.path, seed=cfg.seed).round == 1
     run_simulation(cfg, task, run, log=lambda s: None, resume=True)
     assert_same_model(load_model_file(whole.path / "model.safetensors"),
                       load_model_file(run.path / "model.safetensors"))
@@ -161,3 +164,18 @@ def test_cli_resume_continues_a_stopped_run(tmp_path: Path, monkeypatch: pytest.
     assert_same_model(load_model_file(whole / "model.safetensors"),
                       load_model_file(cut / "model.safetensors"))
     assert json.loads((cut / "summary.json").read_text())["rounds"] == 3
+
+
+def test_dp_sgd_ledgers_come_back_so_epsilon_keeps_composing(tmp_path: Path) -> None:
+    task = builtin_task("digits", "mlp")
+    cfg = config(rounds=3, dp_sgd="1.1:1.0", engine="sequential")
+    whole = RunDir.create(tmp_path / "whole", config_record(cfg))
+    run_simulation(cfg, task, whole, log=lambda s: None)
+    cut = RunDir.create(tmp_path / "cut", config_record(cfg))
+    with pytest.raises(Stop):
+        run_simulation(cfg, task, cut, log=lambda s: None, on_round=stop_after(2))
+    run_simulation(cfg, task, cut, log=lambda s: None, resume=True)
+    want, got = whole.read_metrics()[-1], cut.read_metrics()[-1]
+    assert got["dp_sgd_epsilon_max"] == pytest.approx(want["dp_sgd_epsilon_max"])
+    assert_same_model(load_model_file(whole.path / "model.safetensors"),
+                      load_model_file(cut.path / "model.safetensors"))

@@ -88,7 +88,7 @@ def resume_sim(path: Path, where: dict[str, Any], *, device: str, threads: int,
                           f"{record.get('mode')!r}); resume it with its own command.")
     config = sim_config_from_record(record, changes, where=str(path / "config.toml"))
     task = saved_task(config)
-    done = load_checkpoint(run.path, seed=config.seed)[0]
+    done = load_checkpoint(run.path, seed=config.seed).round
     torch.set_num_threads(threads)
     on_ray = " on Ray" if config.backend == "ray" else ""
     console.print(f"fedlearn sim: resuming {run.path} after round {done} of {config.rounds} "

@@ -15,9 +15,15 @@ from typing import IO, Annotated, Any
 
 import typer
 
+from fedlearn.attacks import Attackers, check_attack_config
 from fedlearn.cli.common import (
+    DEFAULT_DELTA,
+    AttackersOpt,
+    AttackOpt,
     DataOpt,
     DeviceOpt,
+    DPDeltaOpt,
+    DPSGDOpt,
     LabelOpt,
     TaskOpt,
     TestFractionOpt,
@@ -30,6 +36,9 @@ from fedlearn.cli.common import (
 from fedlearn.cli.server_cmds import (
     AsyncAlphaOpt,
     AsyncPolicyOpt,
+    Beta1Opt,
+    Beta2Opt,
+    ClipNormOpt,
     EvalEveryOpt,
     EvalFractionOpt,
     FractionOpt,
@@ -38,11 +47,15 @@ from fedlearn.cli.server_cmds import (
     MaxUpdatesOpt,
     MinResultsOpt,
     ModeOpt,
+    ProxMuOpt,
     RoundTimeoutOpt,
     SaveEveryOpt,
     ServerLrOpt,
+    ServerMomentumOpt,
     StalenessFnOpt,
     StrategyOpt,
+    TauOpt,
+    strategy_flags,
 )
 from fedlearn.errors import ConfigError, FedlearnError
 
@@ -100,6 +113,12 @@ def run(
     round_timeout: RoundTimeoutOpt = None,
     strategy: StrategyOpt = None,
     server_lr: ServerLrOpt = None,
+    server_momentum: ServerMomentumOpt = None,
+    beta1: Beta1Opt = None,
+    beta2: Beta2Opt = None,
+    tau: TauOpt = None,
+    prox_mu: ProxMuOpt = None,
+    clip_norm: ClipNormOpt = None,
     save_every: SaveEveryOpt = None,
     mode: ModeOpt = None,
     async_policy: AsyncPolicyOpt = None,
@@ -116,16 +135,24 @@ def run(
     concurrency: Annotated[int | None, typer.Option(
         "--concurrency", help="At most this many clients train at once on this machine "
         "(default: its core count when no --slowdown is given; 0: no limit).")] = None,
+    dp_sgd: DPSGDOpt = None,
+    dp_delta: DPDeltaOpt = DEFAULT_DELTA,
+    attack: AttackOpt = None,
+    attackers: AttackersOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.")] = None,
 ) -> None:
     """Start a server and N clients on 127.0.0.1 and run a federated training to the end."""
     from fedlearn.cli.common import device_name
-    from fedlearn.config import ServerConfig, TrainConfig
+    from fedlearn.config import ServerConfig, TrainConfig, build_strategy
     from fedlearn.runs import default_run_dir
     from fedlearn.training import initial_state
 
     if clients < 1:
         raise ConfigError(f"--clients must be at least 1, got {clients}.")
+    from fedlearn.privacy.dpsgd import parse_dp_sgd
+
+    private = ["--dp-sgd", str(dp_sgd), "--dp-delta", repr(dp_delta)] \
+        if parse_dp_sgd(dp_sgd, dp_delta) else []
     asynchronous = mode == "async"
     if asynchronous and rounds is not None:
         raise ConfigError("--rounds is for --mode sync; an async run stops at --max-updates or "
@@ -135,7 +162,9 @@ def run(
         "mode": mode, "async_policy": async_policy, "async_alpha": async_alpha,
         "staleness_fn": staleness_fn, "max_staleness": max_staleness,
         "max_updates": max_updates, "max_seconds": max_seconds, "eval_every": eval_every,
-        "server_lr": server_lr, "save_every": save_every,
+        "save_every": save_every,
+        **strategy_flags(strategy, server_lr, server_momentum, beta1, beta2, tau, prox_mu,
+                         clip_norm),
     }
     # Refuse bad settings here, before any process starts.
     the_task, ref = resolve_task(task, dataset, model)
@@ -146,13 +175,20 @@ def run(
     train = TrainConfig.from_dict({**the_task.config,
                                    **{k: v for k, v in given.items() if v is not None}})
     checked = {"fraction": fraction, "min_results": min_results,
-               "round_timeout": round_timeout, "strategy": strategy, **run_flags}
-    ServerConfig(rounds=rounds, client=train.as_dict(), eval_fraction=eval_fraction, seed=seed,
-                 **{k: v for k, v in checked.items() if v is not None})
+               "round_timeout": round_timeout, **run_flags}
+    settings = ServerConfig(rounds=rounds, client=train.as_dict(), eval_fraction=eval_fraction,
+                            seed=seed, **{k: v for k, v in checked.items() if v is not None})
     if min_results is not None and min_results > clients:
         raise ConfigError(f"--min-results {min_results} is more than the {clients} clients; "
                           "no round could ever close. Lower it or add clients.")
+    if settings.mode == "sync":
+        needed = build_strategy(settings).min_updates
+        if needed > clients:
+            raise ConfigError(f"strategy {settings.strategy} needs at least {needed} updates "
+                              f"a round but the run has {clients} clients; add clients or "
+                              "choose a smaller F.")
     parts = [client_partition(partition, clients, i) for i in range(clients)]
+    hostile = _attackers(attack, attackers, clients, seed, the_task)
     slow = _parse_slowdown(slowdown or [], clients)
     run_dir = Path(out or default_run_dir("run"))
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -180,8 +216,8 @@ def run(
         "--momentum", repr(train.momentum),
     ]
     for name, value in (("fraction", fraction), ("min_results", min_results),
-                        ("round_timeout", round_timeout), ("strategy", strategy),
-                        ("eval_fraction", eval_fraction), *run_flags.items()):
+                        ("round_timeout", round_timeout), ("eval_fraction", eval_fraction),
+                        *run_flags.items()):
         if value is not None:
             server_cmd += ["--" + name.replace("_", "-"), str(value)]
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -209,7 +245,10 @@ def run(
         recorded.write_config({**recorded.read_config(), "clients": {
             "count": clients, "partition": partition, "data": data, "label": label,
             "test_fraction": test_fraction, "device": device, "partition_seed": seed,
-            "concurrency": slots, "slowdown": {str(k): v for k, v in slow.items()}}})
+            "concurrency": slots, "slowdown": {str(k): v for k, v in slow.items()},
+            **({"attack": attack, "attackers": hostile.fraction} if attack else {})}})
+        if hostile.attack is not None:
+            recorded.write_attackers(hostile.record())
         console.print(f"server at {url} (logs in {logs})")
         for i in range(clients):
             local_data = [] if data is None else ["--data", data.replace("{i}", str(i))]
@@ -221,7 +260,9 @@ def run(
                 "--test-fraction", repr(test_fraction), "--device", device,
                 "--partition", parts[i], "--partition-seed", str(seed),
                 "--credential-file", str(run_dir / "clients" / f"client-{i}.json"),
+                "--slowdown", str(slow.get(i, 1.0)), *private,
                 "--slowdown", str(slow.get(i, 1.0)),
+                *(["--attack", str(attack)] if f"client-{i}" in hostile.ids else []),
                 *(["--cpu-slot", str(logs / f".cpu-slot-{i % slots}")] if slots else []),
             ])
         if asynchronous:
@@ -271,6 +312,14 @@ def run(
         f"rounds; median {summary.get('median_round_seconds') or 0:.2f}s per round; "
         f"run directory {run_dir}", markup=False, highlight=False
     )
+
+
+def _attackers(spec: str | None, fraction: float | None, clients: int, seed: int,
+               task: Any) -> Attackers:
+    """The clients ``--attack``/``--attackers`` make attackers (none without ``--attack``)."""
+    resolved = check_attack_config(spec or "", fraction, clients)
+    return Attackers.of(spec or "", resolved or 0.0, [f"client-{i}" for i in range(clients)],
+                        seed, task)
 
 
 def _first_error(logs: Path) -> str:

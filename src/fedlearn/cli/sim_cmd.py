@@ -19,9 +19,14 @@ from fedlearn.cli.backend_opts import (
     resume_sim,
 )
 from fedlearn.cli.common import (
+    DEFAULT_DELTA,
+    AttackersOpt,
+    AttackOpt,
     DataOpt,
     DatasetOpt,
     DeviceOpt,
+    DPDeltaOpt,
+    DPSGDOpt,
     LabelOpt,
     ModelOpt,
     OutOpt,
@@ -33,6 +38,17 @@ from fedlearn.cli.common import (
     metrics_text,
     progress_bar,
     resolve_task,
+)
+from fedlearn.cli.server_cmds import (
+    Beta1Opt,
+    Beta2Opt,
+    ClipNormOpt,
+    ProxMuOpt,
+    ServerLrOpt,
+    ServerMomentumOpt,
+    StrategyOpt,
+    TauOpt,
+    strategy_flags,
 )
 from fedlearn.errors import ConfigError
 
@@ -55,6 +71,8 @@ def sim(
         "[default: as many as half the free memory holds; printed]")] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16 (bfloat16 "
                          "autocast for training).")] = "fp32",
+    dp_sgd: DPSGDOpt = None,
+    dp_delta: DPDeltaOpt = DEFAULT_DELTA,
     task: TaskOpt = None,
     dataset: DatasetOpt = "fashion-mnist",
     model: ModelOpt = "mlp",
@@ -77,12 +95,18 @@ def sim(
     momentum: Annotated[float | None, typer.Option("--momentum", help="SGD momentum.")] = None,
     weight_decay: Annotated[float | None, typer.Option("--weight-decay",
                             help="L2 weight decay.")] = None,
-    strategy: Annotated[str, typer.Option("--strategy", help="Aggregation strategy.")]
-    = "fedavg",
-    server_lr: Annotated[float, typer.Option("--server-lr", help="Server learning rate.")]
-    = 1.0,
+    strategy: StrategyOpt = None,
+    server_lr: ServerLrOpt = None,
+    server_momentum: ServerMomentumOpt = None,
+    beta1: Beta1Opt = None,
+    beta2: Beta2Opt = None,
+    tau: TauOpt = None,
+    prox_mu: ProxMuOpt = None,
+    clip_norm: ClipNormOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Run seed (model, partition, "
                     "sampling, data order).")] = 0,
+    attack: AttackOpt = None,
+    attackers: AttackersOpt = None,
     device: DeviceOpt = "cpu",
     out: OutOpt = None,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch.")]
@@ -99,7 +123,7 @@ def sim(
     """Simulate a federated run of N clients in this process (same model as `fedlearn run`)."""
     import torch
 
-    from fedlearn.config import TrainConfig
+    from fedlearn.config import TrainConfig, build_strategy
     from fedlearn.runs import RunDir, default_run_dir
     from fedlearn.sim import SimConfig, config_record, run_simulation
 
@@ -119,9 +143,14 @@ def sim(
         clients=clients, per_round=per_round, partition=partition, rounds=rounds,
         engine=engine, dataset=dataset, model=model, task=ref.get("task", ""), data=data,
         label=label, test_fraction=test_fraction, eval_every=eval_every,
-        eval_fraction=eval_fraction, strategy=strategy, server_lr=server_lr, seed=seed,
-        max_parallel=max_parallel, precision=precision, train=train, **where,
+        eval_fraction=eval_fraction, seed=seed, train=train,
+        max_parallel=max_parallel, precision=precision, dp_sgd=dp_sgd, dp_delta=dp_delta,
+        attack=attack or "", attackers=attackers,
+        **{k: v for k, v in strategy_flags(strategy, server_lr, server_momentum, beta1, beta2,
+                                           tau, prox_mu, clip_norm).items() if v is not None},
+        **where,
     )
+    the_strategy = build_strategy(config)  # resolved once, here
     device = device_name(device)
     torch.set_num_threads(threads)
     run = RunDir.create(out or default_run_dir("sim"), config_record(config))
@@ -136,7 +165,7 @@ def sim(
 
             summary = run_simulation(config, the_task, run, on_round=on_round,
                                      log=lambda s: console.print(s, markup=False),
-                                     device=device)
+                                     device=device, strategy=the_strategy)
     except BaseException:
         run.discard_if_empty()
         raise

@@ -54,6 +54,11 @@ class ServerUnavailable(RemoteError):
         self.url = url
 
 
+class PayloadRefused(RemoteError):
+    """The server refused an update as malformed, too large or over its norm limit (HTTP 400
+    or 413 to ``POST /api/update``)."""
+
+
 class RetriesExhausted(RemoteError):
     """The server stayed unreachable through every retry of :func:`with_retries`."""
 
@@ -71,6 +76,8 @@ class Registration:
     rounds: int
     task: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    #: groups of arrays ``GET /api/model`` sends beside the model (SCAFFOLD: ``("c",)``)
+    model_extras: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -289,6 +296,8 @@ class RemoteServer:
             raise AuthError(detail)
         if code == 409:
             raise ConflictError(detail)
+        if code in (400, 413) and path == "/api/update":
+            raise PayloadRefused(f"the server refused {method} {path} ({code}): {detail}")
         raise RemoteError(f"the server refused {method} {path} ({code}): {detail}")
 
     def _json(self, response: httpx.Response, what: str) -> dict[str, Any]:
@@ -340,6 +349,7 @@ class RemoteServer:
                 rounds=int(body["rounds"]),
                 task=str(body.get("task") or ""),
                 config=dict(body.get("config") or {}),
+                model_extras=tuple(str(g) for g in body.get("model_extras") or ()),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteError(f"the server's registration answer lacks a valid {exc}; check "

@@ -9,6 +9,7 @@ the same code the simulator uses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import math
 import random
@@ -17,10 +18,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from fedlearn.attacks import Attackers, label_flip_classes, parse_attack
+from fedlearn.client.control import ControlStore, control_path
 from fedlearn.client.identity import load_identity, save_identity
 from fedlearn.client.local import LocalClient
 from fedlearn.client.remote import (
     MAX_POLL_WAIT,
+    PayloadRefused,
     Registration,
     RetriesExhausted,
     Task,
@@ -28,8 +32,10 @@ from fedlearn.client.remote import (
 )
 from fedlearn.config import TrainConfig
 from fedlearn.errors import AuthError, ConfigError, ConflictError, RemoteError
+from fedlearn.tasks.base import ClientData, Data, DataContext
 from fedlearn.tasks.base import Task as TaskDef
-from fedlearn.types import ClientResult, Weights
+from fedlearn.types import ClientResult, ControlVariates, Weights
+from fedlearn.weights import pack, unpack
 
 T = TypeVar("T")
 
@@ -103,6 +109,9 @@ class WorkerConfig:
     host take turns on its cores instead of thrashing them. ``max_offline``
     (async runs) is how many times in a row the client goes on training when
     the server stays unreachable through every retry, before it gives up.
+    ``attack`` (robustness benchmarks only) makes this client an attacker
+    (:mod:`fedlearn.attacks`): it poisons its delta or its training labels, and
+    goes on when the server refuses what it sends.
     """
 
     server: str
@@ -125,8 +134,14 @@ class WorkerConfig:
     ca_file: str | None = None
     cpu_slot: str | None = None
     max_offline: int = 10
+    dp_sgd: str | None = None
+    dp_delta: float = 1e-5
+    attack: str = ""
 
     def __post_init__(self) -> None:
+        from fedlearn.privacy.dpsgd import parse_dp_sgd
+
+        parse_dp_sgd(self.dp_sgd, self.dp_delta)
         if not self.client_id.strip():
             raise ConfigError("the client id is empty; pass --client-id NAME.")
         if not 0 < self.poll_wait <= MAX_POLL_WAIT:
@@ -141,6 +156,8 @@ class WorkerConfig:
                               f"got {self.max_wait}.")
         if self.max_offline < 0:
             raise ConfigError(f"--max-offline must be 0 or more, got {self.max_offline}.")
+        if self.attack:
+            parse_attack(self.attack)
         if not (self.slowdown >= 1.0 and math.isfinite(self.slowdown)):
             raise ConfigError(f"--slowdown must be a finite factor of at least 1, "
                               f"got {self.slowdown}.")
@@ -239,12 +256,18 @@ class _Worker:
         self.local: LocalClient | None = None
         self.server_config: dict[str, Any] = {}
         self.cached: tuple[Weights, int] | None = None
+        #: groups of arrays the server sends beside the model, and those of the cached model
+        self.model_extras: tuple[str, ...] = ()
+        self.extras: dict[str, Weights] = {}
+        self.controls = ControlStore(None, "")
         self.reregistered = False
         self.reached = False  # has the server ever answered?
         self.mode = "sync"
         self.trained = 0
         self.refused = 0
         self.last_round = 0
+        self.attackers = Attackers()
+        self.refused_task = ""  # an attacker's task whose update the server refused
 
     def call(self, fn: Callable[[], T]) -> T:
         """``fn()`` retried while the server is unreachable.
@@ -277,8 +300,35 @@ class _Worker:
     def prepare(self) -> None:
         """Load this client's data for its task (before anything is sent)."""
         if self.local is None and self.task is not None:
-            self.local = LocalClient(self.task, data_context(self.config),
-                                     seed=self.config.partition_seed, device=self.config.device)
+            from fedlearn.privacy.dpsgd import parse_dp_sgd
+
+            dp_sgd = parse_dp_sgd(self.config.dp_sgd, self.config.dp_delta)
+            ledger = (None if self.config.credential_file is None
+                      else self.config.credential_file.removesuffix(".json") + ".dpsgd.json")
+            if dp_sgd is not None:
+                self.log(f"{dp_sgd.describe()}; ε reported at δ = {dp_sgd.delta:g}")
+            ctx = data_context(self.config)
+            data = None
+            if self.config.attack:
+                attack = parse_attack(self.config.attack)
+                classes = label_flip_classes(self.task) if attack.poisons_data else None
+                self.attackers = Attackers(attack, frozenset({self.config.client_id}), classes)
+                self.log(f"attacking ({attack}) for a robustness benchmark")
+                if attack.poisons_data:
+                    data = self.poisoned(ctx)
+            self.local = LocalClient(self.task, ctx, seed=self.config.partition_seed,
+                                     device=self.config.device, data=data, dp_sgd=dp_sgd,
+                                     ledger_file=ledger)
+
+    def poisoned(self, ctx: DataContext) -> ClientData:
+        """This client's data with the training labels flipped (``label-flip``)."""
+        from fedlearn.tasks.runtime import load_client_data
+
+        if self.task is None:  # pragma: no cover - prepare() checks it
+            raise ConfigError("no task to train.")
+        data = load_client_data(self.task, ctx)
+        flipped = self.attackers.labels(self.config.client_id, data.train.y)
+        return ClientData(Data(data.train.x, flipped), data.test)
 
     def register(self) -> None:
         """Register (with retries), refusing a server whose task is not ours."""
@@ -314,6 +364,9 @@ class _Worker:
                                                      "run_id": reg.run_id})
         self.server_config = dict(reg.config)
         self.cached = None
+        self.model_extras = reg.model_extras
+        if "c" in reg.model_extras:
+            self.controls = ControlStore(control_path(self.config.credential_file), reg.run_id)
         self.mode = reg.mode
         length = "async" if reg.mode == "async" else f"{reg.rounds} rounds"
         examples = "" if local.num_examples is None else f" with {local.num_examples} examples"
@@ -326,12 +379,26 @@ class _Worker:
             self.config.overrides)
 
     def fit(self, weights: Weights, task: Task) -> ClientResult:
-        """Train from ``weights`` for ``task`` with the round's config."""
+        """Train from ``weights`` for ``task`` with the round's config (SCAFFOLD's
+        control variates when the round asks for them)."""
         if self.local is None:  # pragma: no cover
             raise ConfigError("no task to train.")
-        return self.local.fit(weights, self.round_config(task.config), seed=task.seed,
-                              round_number=task.round, version=task.version,
-                              slowdown=self.config.slowdown)
+        config = self.round_config(task.config)
+        control = None
+        if config.scaffold:
+            c = self.extras.get("c")
+            if not c:
+                raise RemoteError("the server asks for SCAFFOLD but sent no control variate "
+                                  "with the model; use the same fedlearn version on server "
+                                  "and clients.")
+            control = ControlVariates(c, self.controls.for_version(task.version, c))
+        result = self.local.fit(weights, config, seed=task.seed, round_number=task.round,
+                                version=task.version, slowdown=self.config.slowdown,
+                                control=control)
+        if not self.attackers.active:
+            return result
+        return dataclasses.replace(result, delta=self.attackers.delta(
+            self.config.client_id, result.delta, task.seed))
 
     def run(self) -> WorkerSummary:
         """Loop until the server says ``done``."""
@@ -369,18 +436,32 @@ class _Worker:
         if task.action != "train":
             raise RemoteError(f"the server sent an unknown task action {task.action!r}; use "
                               "the same fedlearn version on server and clients.")
+        if task.task_id and task.task_id == self.refused_task:
+            # The server keeps a refused attacker's task open until the round's deadline:
+            # wait for the next one instead of training and sending it again and again.
+            self.sleep(min(self.config.poll_wait, 2.0))
+            return False
         self.train(task)
         return False
 
     def weights_for(self, task: Task) -> Weights | None:
         """The global weights of ``task.version``: cached, or fetched once per version."""
         if self.cached is None or self.cached[1] != task.version:
-            self.cached = self.call(self.remote.get_model)
+            self.fetch_model()
+        if self.cached is None:  # pragma: no cover - fetch_model sets it
+            return None
         weights, version = self.cached
         if version != task.version:
             self.log(f"round {task.round}: the server's model is at version {version}, not "
                      f"{task.version}; skipping this round")
             return None
+        return weights
+
+    def fetch_model(self) -> Weights:
+        """Fetch the server's model; cache it (and the arrays sent beside it)."""
+        arrays, version = self.call(self.remote.get_model)
+        weights, self.extras = unpack(arrays, self.model_extras)
+        self.cached = (weights, version)
         return weights
 
     def evaluate(self, task: Task, *, any_version: bool = False) -> None:
@@ -390,8 +471,7 @@ class _Worker:
         be newer than the one the task named.
         """
         if any_version:
-            self.cached = self.call(self.remote.get_model)
-            weights: Weights | None = self.cached[0]
+            weights: Weights | None = self.fetch_model()
         else:
             weights = self.weights_for(task)
         if weights is None or self.local is None:
@@ -414,15 +494,26 @@ class _Worker:
             return
         with cpu_slot(self.config.cpu_slot):
             result = self.fit(weights, task)
+        if result.control is not None:  # kept before sending: a crash cannot lose it
+            self.controls.keep(task.version, result.control)
         line = f"round {task.round}: {result.num_examples} examples, " + describe(result.metrics)
         self.last_round = task.round
+        payload = pack(result.delta, result.extra)
         try:
             self.call(lambda: self.remote.submit_update(
-                task.round, result.delta, result.num_examples, result.metrics,
+                task.round, payload, result.num_examples, result.metrics,
                 task.task_id or None))
         except ConflictError as exc:
             self.refused += 1
+            self.controls.forget(task.version)
             self.log(f"{line}; update refused: {exc}")
+            return
+        except PayloadRefused as exc:
+            if not self.attackers.active:
+                raise
+            self.refused += 1  # the server's checks caught the attack: that is their job
+            self.refused_task = task.task_id
+            self.log(f"{line}; attacked update refused: {exc}")
             return
         self.trained += 1
         self.log(line)
@@ -435,8 +526,12 @@ def describe(metrics: Mapping[str, float]) -> str:
         parts.append(f"train loss {metrics['train_loss']:.4f}")
     if "train_accuracy" in metrics:
         parts.append(f"accuracy {100.0 * metrics['train_accuracy']:.2f}%")
+    if "dp_epsilon" in metrics:
+        parts.append(f"DP-SGD ε {metrics['dp_epsilon']:.3f} at δ {metrics.get('dp_delta', 0):g} "
+                     "so far")
     parts += [f"{k} {v:.4f}" for k, v in metrics.items()
-              if k not in ("train_loss", "train_accuracy", "seconds")]
+              if k not in ("train_loss", "train_accuracy", "seconds", "dp_epsilon", "dp_delta",
+                           "dp_steps")]
     if "seconds" in metrics:
         parts.append(f"{metrics['seconds']:.1f}s")
     return ", ".join(parts)

@@ -1,17 +1,21 @@
 """Checkpoints of a simulated run, so ``fedlearn sim --resume RUN_DIR`` continues it.
 
-Sampling, data orders and client seeds are pure functions of (run seed,
-round, client id) (:mod:`fedlearn.seeding`); there is no random generator
-whose position would need saving. What a resumed run needs is the strategy's
-state after the last finished round: the global model, its version and any
-optimizer or control-variate arrays, in the flat form of
-:func:`~fedlearn.strategies.state_to_arrays`.
+Sampling, data orders, attackers and client seeds are pure functions of
+(run seed, round, client id) (:mod:`fedlearn.seeding`); there is no random
+generator whose position would need saving. What a resumed run needs is what
+the rounds so far changed:
 
-``checkpoints/sim-NNNNNN.safetensors`` holds those arrays for round N;
+- the strategy's state: the global model, its version, optimizer moments and
+  server control variates, in the flat form of
+  :func:`~fedlearn.strategies.state_to_arrays`;
+- each virtual client's own SCAFFOLD control variate (``sim-control/<id>/...``);
+- with ``--dp-sgd``, each client's privacy ledger and the largest ε so far.
+
+``checkpoints/sim-NNNNNN.safetensors`` holds the arrays for round N;
 ``checkpoints/sim-state.json`` names the newest and the one before it with
-their SHA-256, and is written last: it is the commit point. A round's
-checkpoint is written on a background thread while the next round trains
-(an fsync costs as much as a small round), one write at a time.
+their SHA-256 and the rest as JSON, and is written last: it is the commit
+point. A round's checkpoint is written on a background thread while the next
+round trains (an fsync costs as much as a small round), one write at a time.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import hashlib
 import json
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,18 +35,18 @@ from fedlearn.errors import ConfigError, FedlearnError, RunStateError
 from fedlearn.fsutil import atomic_write_bytes, atomic_write_text
 from fedlearn.runs import RunDir
 from fedlearn.strategies import ServerState, state_from_arrays, state_to_arrays
+from fedlearn.types import Weights
 from fedlearn.weights import decode, encode
 
 if TYPE_CHECKING:
-    from fedlearn.sim.engine import SimConfig
+    from fedlearn.sim.config import SimConfig
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "sim-state.json"
+#: Array group of the virtual clients' SCAFFOLD control variates.
+CONTROL_GROUP = "sim-control"
 #: Layout of ``sim-state.json``.
 FORMAT = 1
-
-S = TypeVar("S")
-
 
 def _file_name(round_number: int) -> str:
     return f"sim-{round_number:06d}.safetensors"
@@ -68,9 +73,9 @@ class Checkpointer:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
 
-    def save(self, state: Any, round_number: int) -> None:
-        """Checkpoint ``state`` as the state after round ``round_number``."""
-        arrays, meta = state_to_arrays(_as_server_state(state))
+    def save(self, sim: Any, round_number: int) -> None:
+        """Checkpoint simulation ``sim`` as it is after round ``round_number``."""
+        arrays, meta = snapshot(sim)
         self._wait()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1,
@@ -118,6 +123,23 @@ class Checkpointer:
                 path.unlink(missing_ok=True)
 
 
+def snapshot(sim: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays and JSON of what ``sim`` (a :class:`~fedlearn.sim.engine.Simulation`)
+    changed so far; copies, so the simulation may go on."""
+    arrays, state_meta = state_to_arrays(_as_server_state(sim.state))
+    controls: dict[str, Any] = dict(getattr(sim, "controls", {}) or {})
+    for cid, weights in controls.items():
+        for name, value in weights.items():
+            arrays[f"{CONTROL_GROUP}/{cid}/{name}"] = np.array(value, copy=True)
+    extra: dict[str, Any] = {"dp_sgd_epsilon": float(getattr(sim, "dp_sgd_epsilon", 0.0))}
+    ledgers = getattr(sim.engine, "ledgers", None)
+    if ledgers:
+        extra["dp_ledgers"] = {cid: {"runs": [list(r) for r in ledger.runs],
+                                     "examples": int(ledger.examples)}
+                               for cid, ledger in ledgers.items()}
+    return arrays, {"strategy": state_meta, "sim": extra}
+
+
 def _read_pointer(folder: Path) -> dict[str, Any] | None:
     try:
         value = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
@@ -129,8 +151,18 @@ def _read_pointer(folder: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def load_checkpoint(run_path: Path, *, seed: int) -> tuple[int, ServerState]:
-    """(round, strategy state) of the newest good checkpoint in ``run_path``.
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint holds: the round it follows, the strategy state, the rest."""
+
+    round: int
+    state: ServerState
+    controls: dict[str, Weights]
+    extra: dict[str, Any]
+
+
+def load_checkpoint(run_path: Path, *, seed: int) -> Checkpoint:
+    """The newest good checkpoint in ``run_path``.
 
     A damaged newest file falls back to the one before it (the previous
     round, redone on resume); RunStateError when there is none, it does not
@@ -161,41 +193,58 @@ def load_checkpoint(run_path: Path, *, seed: int) -> tuple[int, ServerState]:
             continue
         try:
             arrays = decode(data, max_bytes=1 << 40)
-            state = state_from_arrays(arrays, entry.get("state") or {})
-        except (FedlearnError, ValueError) as exc:
+            controls: dict[str, Weights] = {}
+            for flat in [k for k in arrays if k.startswith(CONTROL_GROUP + "/")]:
+                cid, _, key = flat[len(CONTROL_GROUP) + 1:].partition("/")
+                controls.setdefault(cid, {})[key] = arrays.pop(flat)
+            meta = entry.get("state") or {}
+            state = state_from_arrays(arrays, meta.get("strategy") or {})
+        except (FedlearnError, ValueError, AttributeError) as exc:
             problems.append(f"{path} is damaged ({exc})")
             continue
-        return int(name[len("sim-"):-len(".safetensors")]), state
+        return Checkpoint(int(name[len("sim-"):-len(".safetensors")]), state, controls,
+                          dict(meta.get("sim") or {}))
     raise RunStateError(f"no usable checkpoint in {folder}: {'; '.join(problems)}.")
 
 
-def resume_point(run: RunDir, state: S, *, seed: int) -> tuple[S, list[dict[str, Any]], int]:
-    """Restore ``run``'s checkpoint into a state shaped like ``state``.
+def resume_point(run: RunDir, sim: Any) -> tuple[list[dict[str, Any]], int]:
+    """Restore ``run``'s checkpoint into simulation ``sim`` (built from the run's config).
 
-    Returns (the restored state, the metrics records up to the checkpoint,
-    the round to run next); rows of rounds after the checkpoint (a round cut
-    short by the stop) are dropped from ``metrics.jsonl`` and will be redone.
+    Returns (the metrics records up to the checkpoint, the round to run
+    next); rows of rounds after the checkpoint (a round cut short by the
+    stop) are dropped from ``metrics.jsonl`` and will be redone.
     """
     for tmp in [*run.path.glob(".*.tmp"), *(run.path / CHECKPOINTS).glob(".*.tmp")]:
         tmp.unlink(missing_ok=True)
-    done, saved = load_checkpoint(run.path, seed=seed)
-    current = _as_server_state(state)
-    want = {k: (v.shape, v.dtype) for k, v in current.weights.items()}
-    got = {k: (v.shape, v.dtype) for k, v in saved.weights.items()}
+    saved = load_checkpoint(run.path, seed=sim.config.seed)
+    state = sim.state
+    want = {k: (v.shape, v.dtype) for k, v in state.weights.items()}
+    got = {k: (v.shape, v.dtype) for k, v in saved.state.weights.items()}
     if want != got:
         raise RunStateError(f"the checkpoint in {run.path} does not fit this task's model "
                             "(names, shapes or dtypes differ); resume with the run's own task.")
-    values: dict[str, Any] = {"weights": saved.weights, "version": saved.version}
-    names = {f.name for f in dataclasses.fields(state)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {"weights": saved.state.weights, "version": saved.state.version}
+    names = {f.name for f in dataclasses.fields(state)}
     for extra in ("arrays", "scalars"):
         if extra in names:
-            values[extra] = getattr(saved, extra)
-    restored: S = dataclasses.replace(state, **values)  # type: ignore[type-var]
+            values[extra] = getattr(saved.state, extra)
+    sim.state = dataclasses.replace(state, **values)
+    if hasattr(sim, "controls"):
+        sim.controls = saved.controls
+    if hasattr(sim, "dp_sgd_epsilon"):
+        sim.dp_sgd_epsilon = float(saved.extra.get("dp_sgd_epsilon", 0.0))
+    ledgers = getattr(sim.engine, "ledgers", None)
+    if ledgers is not None and saved.extra.get("dp_ledgers"):
+        from fedlearn.privacy.dpsgd import DPLedger
+
+        for cid, entry in saved.extra["dp_ledgers"].items():
+            ledgers[cid] = DPLedger([(float(z), float(q), int(n)) for z, q, n in entry["runs"]],
+                                    int(entry["examples"]))
     records = run.read_metrics()
-    kept = [r for r in records if int(r.get("round", 0)) <= done]
+    kept = [r for r in records if int(r.get("round", 0)) <= saved.round]
     if len(kept) != len(records):
         run.rewrite_metrics(kept)
-    return restored, kept, done + 1
+    return kept, saved.round + 1
 
 
 def sim_config_from_record(record: Mapping[str, Any], changes: Mapping[str, Any] | None = None,
@@ -203,7 +252,7 @@ def sim_config_from_record(record: Mapping[str, Any], changes: Mapping[str, Any]
     """The :class:`SimConfig` a run's ``config.toml`` was written from (``config_record``),
     with ``changes`` (placement fields) on top; an unknown or mistyped key is a ConfigError."""
     from fedlearn.config import TrainConfig, from_mapping
-    from fedlearn.sim.engine import SimConfig
+    from fedlearn.sim.config import SimConfig
 
     sim = record.get("sim")
     if not isinstance(sim, Mapping):

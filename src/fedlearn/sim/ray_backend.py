@@ -42,7 +42,7 @@ from fedlearn.sim.base import ClientTask, ClientUpdate
 from fedlearn.types import Weights
 
 if TYPE_CHECKING:
-    from fedlearn.sim.engine import SimConfig
+    from fedlearn.sim.config import SimConfig
     from fedlearn.tasks.base import Task
 
 BACKENDS: tuple[str, ...] = ("local", "ray")
@@ -79,6 +79,10 @@ def check_backend(config: SimConfig) -> None:
                           f"{config.ray_gpus_per_worker}.")
     if config.ray_timeout is not None and not config.ray_timeout > 0:
         raise ConfigError(f"--ray-timeout must be positive, got {config.ray_timeout}.")
+    if getattr(config, "dp_sgd", None):
+        raise ConfigError("--dp-sgd keeps each client's privacy ledger in the engine that "
+                          "trains it, which Ray workers do not share; run it with --backend "
+                          "local.")
 
 
 def require_ray() -> ModuleType:
@@ -229,8 +233,9 @@ class RayEngine:
     """An engine whose ``train_round`` spreads the clients over Ray actors.
 
     ``config`` gives the engine, training and ``--ray-*`` settings; ``x``/``y``
-    are the pooled training rows every :class:`ClientTask` indexes. ``log``
-    hears one-line notices (an engine fallback, a lost worker).
+    are the pooled training rows every :class:`ClientTask` indexes; ``train``
+    is the round config the engines are chosen for (default ``config.train``).
+    ``log`` hears one-line notices (an engine fallback, a lost worker).
 
     A lost actor (its process died, its node left, or it overran the timeout
     and was killed) is replaced by a new one in its slot, and its chunk runs
@@ -239,6 +244,7 @@ class RayEngine:
     """
 
     def __init__(self, config: SimConfig, task: Task, x: np.ndarray, y: np.ndarray, *,
+                 train: TrainConfig | None = None,
                  log: Callable[[str], None] = print) -> None:
         self.ray = require_ray()
         self.log = log
@@ -251,12 +257,13 @@ class RayEngine:
         self.last_worker_seconds = 0.0
         self.started = connect(config.ray_address)
         try:
-            self._start(config, task, x, y)
+            self._start(config, task, x, y, train or config.train)
         except BaseException:
             self.close()
             raise
 
-    def _start(self, config: SimConfig, task: Task, x: np.ndarray, y: np.ndarray) -> None:
+    def _start(self, config: SimConfig, task: Task, x: np.ndarray, y: np.ndarray,
+               train: TrainConfig) -> None:
         ray = self.ray
         cpus = config.ray_cpus_per_worker or 1.0
         gpus = config.ray_gpus_per_worker or 0.0
@@ -265,7 +272,7 @@ class RayEngine:
         if gpus > 0 and config.ray_workers is None:
             workers = min(workers, max(1, int(total.get("GPU", 0) // gpus)))
         workers = min(workers, config.per_round)
-        self.spec = WorkerSpec(engine=config.engine, train=config.train, seed=config.seed,
+        self.spec = WorkerSpec(engine=config.engine, train=train, seed=config.seed,
                                device="cuda" if gpus > 0 else "cpu",
                                max_parallel=config.max_parallel, precision=config.precision,
                                threads=max(1, int(cpus)))
