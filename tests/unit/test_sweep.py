@@ -194,7 +194,8 @@ def test_the_readme_sweep_file_is_a_valid_sweep(tmp_path: Path) -> None:
     start = readme.index("### Sweeps")
     toml = re.findall(r"```toml\n(.*?)```", readme[start:], flags=re.S)[0]
     points = make_points(load_sweep(write(tmp_path, toml)))
-    assert len(points) == 6
-    assert {(p.values["partition"], p.values["seed"]) for p in points} == {
-        (a, s) for a in ("dirichlet:0.1", "dirichlet:0.5", "iid") for s in (0, 1)}
+    assert len(points) == 8
+    assert {(p.values["strategy"], p.values["partition"], p.values["seed"]) for p in points} == {
+        (st, a, s) for st in ("fedavg", "fedavgm") for a in ("dirichlet:0.5", "iid")
+        for s in (0, 1)}
     assert all(p.config.clients == 100 and p.config.train.lr == 0.05 for p in points)
