@@ -303,6 +303,8 @@ def _run_on_ray(sweep: SweepConfig, todo: list[Point], out: Path,
                                timeout=min(left, 60.0) if left is not None else 60.0)
             if not done:
                 if deadline is not None and time.monotonic() >= deadline:
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
                     names = ", ".join(p.name for p in pending.values())
                     raise BackendError(f"the sweep ran past its timeout of {sweep.timeout:g} s "
                                        f"with points {names} unfinished; raise timeout in "

@@ -284,3 +284,28 @@ def test_a_worker_that_hangs_past_the_timeout_is_replaced(tmp_path: Path) -> Non
     finally:
         sim.close()
     assert_same_model(local.weights, sim.weights)
+
+
+def test_a_sweep_on_ray_past_its_timeout_stops_with_one_sentence(tmp_path: Path) -> None:
+    from fedlearn.errors import BackendError
+    from fedlearn.sweep import load_sweep, make_points, run_sweep
+
+    path = tmp_path / "sweep.toml"
+    path.write_text("""
+[sweep]
+backend = "ray"
+threads = 1
+timeout = 0.5
+
+[sim]
+dataset = "digits"
+clients = 4
+per_round = 2
+rounds = 200
+
+[grid]
+seed = [0, 1]
+""")
+    sweep = load_sweep(path)
+    with pytest.raises(BackendError, match=r"ran past its timeout of 0.5 s with points 00-seed=0"):
+        run_sweep(sweep, make_points(sweep), tmp_path / "out", log=lambda s: None)
