@@ -12,8 +12,9 @@ from fedlearn.errors import FedlearnError
 
 
 def sweep(
-    config: Annotated[Path, typer.Argument(help="Sweep file: [grid] lists, fixed [sim] and "
-                                           "[train] settings, [sweep] placement.",
+    config: Annotated[Path, typer.Argument(help="Sweep file (TOML): \\[grid] lists, fixed "
+                                           "\\[sim] and \\[train] settings, \\[sweep] "
+                                           "placement.",
                                            show_default=False)],
     out: OutOpt = None,
     backend: Annotated[str | None, typer.Option(
