@@ -188,7 +188,8 @@ def device_name(device: str) -> str:
 SKIP_METRICS = ("round", "update", "version", "seconds", "train_seconds", "clients",
                 "sampled", "examples", "attempts", "staleness", "mean_staleness", "buffered",
                 "fed_clients", "fed_examples", "train_loss", "epoch", "client",
-                "train_accuracy", "dp_epsilon", "dp_delta", "dp_sgd_epsilon_max", "dp_rounds")
+                "train_accuracy", "dp_epsilon", "dp_delta", "dp_sgd_epsilon_max", "dp_rounds",
+                "refused")
 
 
 def metrics_text(record: dict[str, Any], limit: int = 4) -> str:

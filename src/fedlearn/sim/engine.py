@@ -41,6 +41,7 @@ from fedlearn.sim.vectorized import VectorizedEngine, unsupported_reason
 from fedlearn.strategies import Strategy, Update, poisson_sample, sample_clients
 from fedlearn.tasks.base import ClientData, Task
 from fedlearn.types import ControlVariates, Weights
+from fedlearn.weights import unusable
 
 RoundHook = Callable[[dict[str, Any]], None]
 
@@ -247,10 +248,15 @@ class Simulation:
             updates = [replace(u, delta=self.attackers.delta(u.client_id, u.delta,
                                                              seeds[u.client_id]))
                        for u in updates]
-        collected = RoundUpdates(self.strategy)
-        for u in sorted(updates, key=lambda u: u.client_id):
-            collected.add(Update(u.delta, u.num_examples, u.extra, u.client_id))
         record: dict[str, Any] = {"round": rnd}
+        # What the HTTP server would refuse at the door (a non-finite delta) never
+        # reaches the strategy here either.
+        usable = [u for u in updates if unusable(u.delta) is None]
+        if len(usable) < len(updates):
+            record["refused"] = len(updates) - len(usable)
+        collected = RoundUpdates(self.strategy)
+        for u in sorted(usable, key=lambda u: u.client_id):
+            collected.add(Update(u.delta, u.num_examples, u.extra, u.client_id))
         try:
             self.state = close_round(self.strategy, self.state, collected,
                                      num_clients=config.clients)
