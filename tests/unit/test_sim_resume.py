@@ -179,3 +179,21 @@ def test_dp_sgd_ledgers_come_back_so_epsilon_keeps_composing(tmp_path: Path) -> 
     assert got["dp_sgd_epsilon_max"] == pytest.approx(want["dp_sgd_epsilon_max"])
     assert_same_model(load_model_file(whole.path / "model.safetensors"),
                       load_model_file(cut.path / "model.safetensors"))
+
+
+def test_dp_fedavg_resumes_with_its_accountant_where_it_was(tmp_path: Path) -> None:
+    task = builtin_task("digits", "mlp")
+    cfg = config(rounds=3, dp_noise_multiplier=0.5, dp_clip="1.0")
+    whole = RunDir.create(tmp_path / "whole", config_record(cfg))
+    run_simulation(cfg, task, whole, log=lambda s: None)
+    cut = RunDir.create(tmp_path / "cut", config_record(cfg))
+    with pytest.raises(Stop):
+        run_simulation(cfg, task, cut, log=lambda s: None, on_round=stop_after(2))
+    summary = run_simulation(cfg, task, cut, log=lambda s: None, resume=True)
+    assert summary["dp_rounds"] == json.loads((whole.path / "summary.json").read_text())[
+        "dp_rounds"]
+    want, got = whole.read_metrics()[-1], cut.read_metrics()[-1]
+    eps = [k for k in want if "epsilon" in k]
+    assert eps and all(got[k] == pytest.approx(want[k]) for k in eps)
+    assert_same_model(load_model_file(whole.path / "model.safetensors"),
+                      load_model_file(cut.path / "model.safetensors"))

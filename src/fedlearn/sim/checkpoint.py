@@ -9,7 +9,8 @@ the rounds so far changed:
   server control variates, in the flat form of
   :func:`~fedlearn.strategies.state_to_arrays`;
 - each virtual client's own SCAFFOLD control variate (``sim-control/<id>/...``);
-- with ``--dp-sgd``, each client's privacy ledger and the largest ε so far.
+- with ``--dp-sgd``, each client's privacy ledger and the largest ε so far;
+- with DP-FedAvg, how many rounds its accountant has released.
 
 ``checkpoints/sim-NNNNNN.safetensors`` holds the arrays for round N;
 ``checkpoints/sim-state.json`` names the newest and the one before it with
@@ -131,7 +132,8 @@ def snapshot(sim: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     for cid, weights in controls.items():
         for name, value in weights.items():
             arrays[f"{CONTROL_GROUP}/{cid}/{name}"] = np.array(value, copy=True)
-    extra: dict[str, Any] = {"dp_sgd_epsilon": float(getattr(sim, "dp_sgd_epsilon", 0.0))}
+    extra: dict[str, Any] = {"dp_sgd_epsilon": float(getattr(sim, "dp_sgd_epsilon", 0.0)),
+                             "dp_released": int(getattr(sim, "released", 0))}
     ledgers = getattr(sim.engine, "ledgers", None)
     if ledgers:
         extra["dp_ledgers"] = {cid: {"runs": [list(r) for r in ledger.runs],
@@ -233,6 +235,8 @@ def resume_point(run: RunDir, sim: Any) -> tuple[list[dict[str, Any]], int]:
         sim.controls = saved.controls
     if hasattr(sim, "dp_sgd_epsilon"):
         sim.dp_sgd_epsilon = float(saved.extra.get("dp_sgd_epsilon", 0.0))
+    if hasattr(sim, "released"):  # DP-FedAvg: the rounds its accountant has released
+        sim.released = int(saved.extra.get("dp_released", 0))
     ledgers = getattr(sim.engine, "ledgers", None)
     if ledgers is not None and saved.extra.get("dp_ledgers"):
         from fedlearn.privacy.dpsgd import DPLedger

@@ -6,10 +6,10 @@ import math
 from dataclasses import dataclass, field
 
 from fedlearn.attacks import check_attack_config
-from fedlearn.config import OBJECT_PREFIX, TrainConfig, build_strategy
+from fedlearn.config import OBJECT_PREFIX, TrainConfig, build_strategy, privacy_budget
 from fedlearn.data import parse_partition
 from fedlearn.errors import ConfigError, PartitionError
-from fedlearn.privacy.dpsgd import parse_dp_sgd
+from fedlearn.privacy.dpsgd import DEFAULT_DELTA, parse_dp_sgd
 from fedlearn.sim.base import ENGINES, check_precision
 from fedlearn.sim.ray_backend import check_backend
 from fedlearn.strategies import Strategy
@@ -46,7 +46,11 @@ class SimConfig:
     max_parallel: int | None = None
     precision: str = "fp32"
     dp_sgd: str | None = None
-    dp_delta: float = 1e-5
+    dp_delta: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_clip: str | None = None
+    dp_clip_on: str = "server"
+    dp_target_epsilon: float | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     # Where the engines run (sim/ray_backend.py); none of these change the model.
     backend: str = "local"
@@ -75,7 +79,7 @@ class SimConfig:
         if self.max_parallel is not None and self.max_parallel < 1:
             raise ConfigError(f"--max-parallel must be at least 1, got {self.max_parallel}.")
         check_precision(self.precision)
-        parse_dp_sgd(self.dp_sgd, self.dp_delta)
+        parse_dp_sgd(self.dp_sgd, self.sgd_delta)
         check_backend(self)
         if self.eval_every < 1:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}.")
@@ -92,6 +96,7 @@ class SimConfig:
             )
         if not self.strategy.startswith(OBJECT_PREFIX):
             check_per_round(build_strategy(self), self.per_round)
+        privacy_budget(self, "poisson")
         # --attack without --attackers: the default share, written down as resolved.
         object.__setattr__(self, "attackers",
                            check_attack_config(self.attack, self.attackers, self.clients))
@@ -100,6 +105,11 @@ class SimConfig:
                 f"--per-round {self.per_round} of {self.clients} clients cannot be "
                 "expressed as a sampling fraction; pick another --per-round."
             )
+
+    @property
+    def sgd_delta(self) -> float:
+        """The δ at which DP-SGD's ε is reported (``dp_delta``, else 1e-5)."""
+        return self.dp_delta if self.dp_delta is not None else DEFAULT_DELTA
 
     @property
     def fraction(self) -> float:

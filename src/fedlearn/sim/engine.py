@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fedlearn.attacks import Attackers
-from fedlearn.config import TrainConfig, build_strategy
+from fedlearn.config import TrainConfig, build_strategy, privacy_budget
 from fedlearn.errors import ConfigError, PartitionError
 from fedlearn.metrics import weighted_means
 from fedlearn.privacy.dpsgd import DPSGD, parse_dp_sgd
@@ -39,9 +39,10 @@ from fedlearn.sim.checkpoint import Checkpointer, resume_point
 from fedlearn.sim.config import SimConfig, check_per_round
 from fedlearn.sim.sequential import ScriptEngine, SequentialEngine
 from fedlearn.sim.vectorized import VectorizedEngine, unsupported_reason
-from fedlearn.strategies import Strategy, Update, sample_clients
+from fedlearn.strategies import Strategy, Update, poisson_sample, sample_clients
 from fedlearn.tasks.base import ClientData, Task
 from fedlearn.types import ControlVariates, Weights
+from fedlearn.weights import unusable
 
 RoundHook = Callable[[dict[str, Any]], None]
 
@@ -155,6 +156,9 @@ class Simulation:
         self.strategy = strategy if strategy is not None else build_strategy(config)
         check_per_round(self.strategy, config.per_round)
         self.state = self.strategy.init(initial_state(task, config.seed))
+        #: DP-FedAvg's (ε, δ) accounting (None without it) and the rounds it has released.
+        self.budget = privacy_budget(config, "poisson")
+        self.released = 0
         #: SCAFFOLD: each virtual client's own control variate (from its first round)
         self.controls: dict[str, Weights] = {}
         self.test_shards: dict[str, Shard] = {}
@@ -193,7 +197,7 @@ class Simulation:
                                           seed=config.seed, device=device,
                                           max_parallel=config.max_parallel,
                                           precision=config.precision,
-                                          dp_sgd=parse_dp_sgd(config.dp_sgd, config.dp_delta),
+                                          dp_sgd=parse_dp_sgd(config.dp_sgd, config.sgd_delta),
                                           log=log)
         evaluable = task.model is not None or task.evaluate is not None
         self.evaluator = Trainer(task, seed=config.seed, device=device) if evaluable else None
@@ -230,9 +234,13 @@ class Simulation:
         """Round ``rnd`` (1-based): sample, train, aggregate, evaluate; its metrics record."""
         config = self.config
         t0 = time.perf_counter()
-        sampled = sample_clients(
-            self.ids, config.fraction, seed=config.seed, round_number=rnd, attempt=0, minimum=1
-        )
+        if self.budget is not None:
+            # DP-FedAvg is accounted for Poisson sampling, so that is how clients are drawn.
+            sampled = poisson_sample(self.ids, config.fraction, seed=config.seed,
+                                     round_number=rnd)
+        else:
+            sampled = sample_clients(self.ids, config.fraction, seed=config.seed,
+                                     round_number=rnd, attempt=0, minimum=1)
         server = self.strategy.client_arrays(self.state).get("c")
         tasks = [
             ClientTask(cid, self.rows[cid], task_seed(config.seed, rnd, cid),
@@ -249,16 +257,24 @@ class Simulation:
             updates = [replace(u, delta=self.attackers.delta(u.client_id, u.delta,
                                                              seeds[u.client_id]))
                        for u in updates]
-        collected = RoundUpdates(self.strategy)
-        for u in sorted(updates, key=lambda u: u.client_id):
-            collected.add(Update(u.delta, u.num_examples, u.extra, u.client_id))
         record: dict[str, Any] = {"round": rnd}
+        # What the HTTP server would refuse at the door (a non-finite delta) never
+        # reaches the strategy here either.
+        usable = [u for u in updates if unusable(u.delta) is None]
+        if len(usable) < len(updates):
+            record["refused"] = len(updates) - len(usable)
+        collected = RoundUpdates(self.strategy)
+        for u in sorted(usable, key=lambda u: u.client_id):
+            collected.add(Update(u.delta, u.num_examples, u.extra, u.client_id))
         try:
             self.state = close_round(self.strategy, self.state, collected,
                                      num_clients=config.clients)
         except RoundFailed as exc:
             record["failed"] = str(exc)
         else:
+            if self.budget is not None:
+                self.released += 1
+                record.update(self.budget.record(self.released))
             for u in updates:
                 if u.control is not None:
                     self.controls[u.client_id] = u.control
@@ -343,7 +359,14 @@ def run_simulation(
     try:
         if resume:
             history, first = resume_point(run, sim)
+        if sim.budget is not None:
+            log(f"DP-FedAvg: {sim.budget.describe()}")
         for rnd in range(first, config.rounds + 1):
+            if sim.budget is not None and not sim.budget.allows(sim.released + 1):
+                log(f"stopped before round {rnd}: it would take ε above "
+                    f"--dp-target-epsilon {sim.budget.target_epsilon:g} "
+                    f"(ε after {sim.released} rounds: {sim.budget.epsilon(sim.released):.3f})")
+                break
             record = sim.run_round(rnd)
             history.append(record)
             run.append_metrics(record)
@@ -354,12 +377,18 @@ def run_simulation(
     finally:
         checkpoints.close(raise_errors=False)
         sim.close()
-    return _finish(run, config, task, sim.engine.name, sim.weights, history, started)
+    privacy: dict[str, Any] = {}
+    if sim.budget is not None:
+        privacy = {**sim.budget.record(sim.released), "dp_rounds": sim.released,
+                   "dp_accountant": sim.budget.describe()}
+        if len(history) < config.rounds:
+            privacy["stopped"] = "dp_target_epsilon"
+    return _finish(run, config, task, sim.engine.name, sim.weights, history, started, privacy)
 
 
 def _finish(
     run: RunDir, config: SimConfig, task: Task, engine: str, weights: Weights,
-    history: list[dict[str, Any]], started: float,
+    history: list[dict[str, Any]], started: float, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     run.save_model(weights)
     later = [h["seconds"] for h in history[1:]]
@@ -379,6 +408,7 @@ def _finish(
         **final_metrics(history),
         "wall_seconds": time.perf_counter() - started,
         "median_round_seconds": statistics.median(later) if later else None,
+        **(extra or {}),
     }
     run.write_summary(summary)
     run.write_report(
