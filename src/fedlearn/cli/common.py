@@ -139,7 +139,8 @@ def device_name(device: str) -> str:
 SKIP_METRICS = ("round", "update", "version", "seconds", "train_seconds", "clients",
                 "sampled", "examples", "attempts", "staleness", "mean_staleness", "buffered",
                 "fed_clients", "fed_examples", "train_loss", "epoch", "client",
-                "train_accuracy")
+                "train_accuracy", "virtual_time", "round_virtual_seconds", "dropped",
+                "refused", "staleness_mean", "staleness_max", "distinct_clients")
 
 
 def metrics_text(record: dict[str, Any], limit: int = 4) -> str:

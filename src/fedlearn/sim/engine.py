@@ -32,6 +32,7 @@ from fedlearn.metrics import weighted_means
 from fedlearn.runs import RunDir, final_metrics
 from fedlearn.seeding import task_seed
 from fedlearn.sim.base import ENGINES, ClientTask, ClientUpdate, Engine
+from fedlearn.sim.modes import check_modes
 from fedlearn.sim.sequential import ScriptEngine, SequentialEngine
 from fedlearn.sim.vectorized import VectorizedEngine, unsupported_reason
 from fedlearn.strategies import make_strategy, sample_clients
@@ -63,6 +64,17 @@ class SimConfig:
     server_lr: float = 1.0
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Simulated time (fedlearn.sim.virtual): async merging and sync round deadlines.
+    mode: str = "sync"
+    async_policy: str = "fedasync"
+    async_alpha: float = 0.6
+    staleness_fn: str = "polynomial"
+    max_staleness: int | None = None
+    client_speeds: str = "constant"
+    round_timeout: float | None = None
+    updates: int | None = None
+    concurrency: int | None = None
+    max_virtual_time: float | None = None
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -99,11 +111,23 @@ class SimConfig:
                 f"--per-round {self.per_round} of {self.clients} clients cannot be "
                 "expressed as a sampling fraction; pick another --per-round."
             )
+        check_modes(self)
 
     @property
     def fraction(self) -> float:
         """The share of clients sampled per round, as the HTTP server's --fraction."""
         return self.per_round / self.clients
+
+    @property
+    def in_flight(self) -> int:
+        """Async: clients training at once (``concurrency``, by default ``per_round``)."""
+        return self.concurrency if self.concurrency is not None else self.per_round
+
+    @property
+    def virtual(self) -> bool:
+        """Whether the run needs the virtual clock (async, a round deadline or speeds)."""
+        return (self.mode == "async" or self.round_timeout is not None
+                or self.client_speeds != "constant" or self.max_virtual_time is not None)
 
 
 def _sample_size(clients: int, per_round: int) -> int:
@@ -260,16 +284,20 @@ class Simulation:
         """The current global model."""
         return self.state.weights
 
-    def run_round(self, rnd: int) -> dict[str, Any]:
-        """Round ``rnd`` (1-based): sample, train, FedAvg, evaluate; its metrics record."""
+    def round_tasks(self, rnd: int) -> list[ClientTask]:
+        """The tasks of round ``rnd``: the sampled clients, their rows and data seeds."""
         config = self.config
-        t0 = time.perf_counter()
         sampled = sample_clients(
             self.ids, config.fraction, seed=config.seed, round_number=rnd, attempt=0, minimum=1
         )
-        tasks = [
+        return [
             ClientTask(cid, self.rows[cid], task_seed(config.seed, rnd, cid)) for cid in sampled
         ]
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        """Round ``rnd`` (1-based): sample, train, FedAvg, evaluate; its metrics record."""
+        t0 = time.perf_counter()
+        tasks = self.round_tasks(rnd)
         t1 = time.perf_counter()
         updates = self.engine.train_round(self.state.weights, tasks, self.train_config)
         train_seconds = time.perf_counter() - t1
@@ -291,6 +319,13 @@ class Simulation:
         cfg = self.config
         if version % cfg.eval_every and version < cfg.rounds:
             return {}
+        return self.federated_eval(version)
+
+    def federated_eval(self, version: int, weights: Weights | None = None) -> dict[str, Any]:
+        """``fed_*`` means of a sample of clients evaluating ``weights`` (by default the
+        global model) on their own test data; ``version`` seeds the sample."""
+        cfg = self.config
+        weights = self.state.weights if weights is None else weights
         scripts = isinstance(self.engine, ScriptEngine)
         able = list(self.ids) if scripts else sorted(self.test_shards)
         if not able:
@@ -300,9 +335,9 @@ class Simulation:
         results = []
         for cid in chosen:
             if isinstance(self.engine, ScriptEngine):
-                res = self.engine.evaluate(cid, self.state.weights, version)
+                res = self.engine.evaluate(cid, weights, version)
             elif self.evaluator is not None:
-                res = self.evaluator.evaluate(self.state.weights, self.test_shards[cid])
+                res = self.evaluator.evaluate(weights, self.test_shards[cid])
             else:  # pragma: no cover
                 continue
             results.append((res.metrics, res.num_examples))
@@ -332,7 +367,12 @@ def run_simulation(
     fed_* (clients' own test data), seconds, train_seconds, clients, examples}
     to ``metrics.jsonl`` and calls ``on_round`` with it; the end writes
     ``model.safetensors``, ``summary.json`` and ``report.png``. Returns the summary.
+    A run in virtual time (``config.virtual``) goes to :func:`fedlearn.sim.virtual.run_virtual`.
     """
+    if config.virtual:
+        from fedlearn.sim.virtual import run_virtual
+
+        return run_virtual(config, task, run, on_round=on_round, log=log, device=device)
     started = time.perf_counter()
     sim = Simulation(config, task, device=device, log=log)
     history: list[dict[str, Any]] = []
