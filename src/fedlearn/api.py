@@ -83,12 +83,15 @@ def simulate(
     eval_fraction: float | None = None, strategy: str = "fedavg", server_lr: float = 1.0,
     out: str | Path | None = None, device: str = "cpu",
     on_round: Callable[[dict[str, Any]], None] | None = None,
-    log: Callable[[str], None] = lambda line: None,
+    log: Callable[[str], None] = lambda line: None, **settings: Any,
 ) -> History:
     """Simulate ``clients`` clients of ``task`` in this process (``fedlearn sim``).
 
     ``per_round`` clients (default all) train each round; ``data`` may contain
     ``{i}`` for the client index; ``config`` is the round's training config.
+    ``settings`` are the simulated-time fields of :class:`~fedlearn.sim.SimConfig`
+    (``mode``, ``async_policy``, ``client_speeds``, ``round_timeout``, ``updates``,
+    ``concurrency``, ``max_virtual_time``, ...).
     """
     from fedlearn.runs import RunDir
     from fedlearn.sim import SimConfig, config_record, run_simulation
@@ -100,7 +103,7 @@ def simulate(
         engine=engine, task=the_task.name, data=None if data is None else str(data),
         label=label, test_fraction=test_fraction, eval_every=eval_every,
         eval_fraction=eval_fraction, strategy=strategy, server_lr=server_lr, seed=seed,
-        train=_train_config(the_task, config),
+        train=_train_config(the_task, config), **settings,
     )
     run = RunDir.create(_out(out, "sim"), config_record(sim))
     summary = run_simulation(sim, the_task, run, on_round=on_round, log=log,

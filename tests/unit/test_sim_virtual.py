@@ -287,3 +287,13 @@ def test_only_time_settings_turn_the_virtual_clock_on() -> None:
     assert SimConfig(mode="async", updates=3).virtual
     assert SimConfig(mode="async", updates=3).in_flight == 10
     assert SimConfig(mode="async", updates=3, concurrency=4).in_flight == 4
+
+
+def test_the_public_simulate_takes_the_time_settings(tmp_path: Path) -> None:
+    import fedlearn
+
+    history = fedlearn.simulate(toy_task(), clients=4, per_round=2, config=SGD, seed=1,
+                                out=tmp_path / "api", mode="async", updates=6,
+                                async_policy="fedbuff:3", client_speeds="uniform:0.5:2")
+    assert history.summary["sim_mode"] == "async" and history.summary["versions"] == 2
+    assert [r["update"] for r in history.records][-1] == 6
