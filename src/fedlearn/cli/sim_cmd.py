@@ -147,17 +147,30 @@ def sim(
     what, total = _progress_total(config)
     try:
         with progress_bar(what, total) as bar:
+            shown = {"status": ""}
+
             def on_round(r: dict[str, Any]) -> None:
                 clock = f"  t={r['virtual_time']:.1f}" if "virtual_time" in r else ""
-                status = f"{metrics_text(r, 2)}{clock}"
+                shown["status"] = status = f"{metrics_text(r, 2)}{clock}"
                 if "update" in r:
                     bar.set(_done(config, r["update"], r["virtual_time"]), status)
                 else:
                     bar.advance(f"{status}  {r['seconds']:.2f}s/round")
 
-            summary = run_simulation(config, the_task, run, on_round=on_round,
-                                     log=lambda s: console.print(s, markup=False),
-                                     device=device)
+            def on_update(updates: int, virtual_time: float) -> None:
+                bar.set(_done(config, updates, virtual_time), shown["status"])
+
+            def log(line: str) -> None:
+                console.print(line, markup=False)
+
+            if config.mode == "async":
+                from fedlearn.sim import run_virtual
+
+                summary = run_virtual(config, the_task, run, on_round=on_round,
+                                      on_progress=on_update, log=log, device=device)
+            else:
+                summary = run_simulation(config, the_task, run, on_round=on_round, log=log,
+                                         device=device)
     except BaseException:
         run.discard_if_empty()
         raise
