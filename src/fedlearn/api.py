@@ -81,7 +81,8 @@ def simulate(
     label: str | None = None, test_fraction: float = 0.0,
     config: Mapping[str, Any] | TrainConfig | None = None, seed: int = 0, eval_every: int = 1,
     eval_fraction: float | None = None, strategy: str = "fedavg", server_lr: float = 1.0,
-    out: str | Path | None = None, device: str = "cpu",
+    out: str | Path | None = None, device: str = "cpu", max_parallel: int | None = None,
+    precision: str = "fp32", attack: str | None = None, attackers: float | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = lambda line: None, **settings: Any,
 ) -> History:
@@ -89,9 +90,12 @@ def simulate(
 
     ``per_round`` clients (default all) train each round; ``data`` may contain
     ``{i}`` for the client index; ``config`` is the round's training config.
-    ``settings`` are the simulated-time fields of :class:`~fedlearn.sim.SimConfig`
-    (``mode``, ``async_policy``, ``client_speeds``, ``round_timeout``, ``updates``,
-    ``concurrency``, ``max_virtual_time``, ...).
+    ``max_parallel`` and ``precision`` are ``fedlearn sim``'s flags of those names.
+    ``attack`` (``"sign-flip"``, ``"scale:F"``, ``"gaussian:SIGMA"``, ``"label-flip"``,
+    ``"same-value:V"``) makes an ``attackers`` share of the clients (default 0.2)
+    malicious, for robustness evaluation. ``settings`` are the simulated-time fields
+    of :class:`~fedlearn.sim.SimConfig` (``mode``, ``async_policy``, ``client_speeds``,
+    ``round_timeout``, ``updates``, ``concurrency``, ``max_virtual_time``, ...).
     """
     from fedlearn.runs import RunDir
     from fedlearn.sim import SimConfig, config_record, run_simulation
@@ -103,7 +107,8 @@ def simulate(
         engine=engine, task=the_task.name, data=None if data is None else str(data),
         label=label, test_fraction=test_fraction, eval_every=eval_every,
         eval_fraction=eval_fraction, strategy=strategy, server_lr=server_lr, seed=seed,
-        train=_train_config(the_task, config), **settings,
+        max_parallel=max_parallel, precision=precision, attack=attack or "",
+        attackers=attackers, train=_train_config(the_task, config), **settings,
     )
     run = RunDir.create(_out(out, "sim"), config_record(sim))
     summary = run_simulation(sim, the_task, run, on_round=on_round, log=log,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedlearn.config import TrainConfig
 from fedlearn.models import get_weights
@@ -21,6 +21,9 @@ from fedlearn.runs import RunDir, final_metrics
 from fedlearn.tasks.base import ClientData, Data, Task
 from fedlearn.training import Shard, Trainer, initial_state, make_optimizer, train_epochs
 from fedlearn.types import Weights
+
+if TYPE_CHECKING:
+    from fedlearn.privacy.dpsgd import DPSGD
 
 EpochHook = Callable[[dict[str, Any]], None]
 
@@ -40,13 +43,15 @@ class ClientRow:
 class _Learner:
     """One model trained epoch by epoch (one optimizer across epochs in the built-in loop)."""
 
-    def __init__(self, task: Task, config: TrainConfig, seed: int, device: str) -> None:
-        self.trainer = Trainer(task, seed=seed, device=device)
+    def __init__(self, task: Task, config: TrainConfig, seed: int, device: str,
+                 dp_sgd: DPSGD | None = None) -> None:
+        self.trainer = Trainer(task, seed=seed, device=device, dp_sgd=dp_sgd)
         self.config = config
         self.task = task
         self.weights: Weights = initial_state(task, seed)
         self.opt = None
-        if task.train is None and self.trainer.model is not None:
+        # DP-SGD makes its private optimizer each epoch (the ledger composes across them).
+        if task.train is None and self.trainer.model is not None and dp_sgd is None:
             self.opt = make_optimizer(self.trainer.model, config, task)
 
     def epoch(self, data: Shard, seed: int) -> dict[str, float]:
@@ -78,14 +83,15 @@ def _test_of(test: Data | None, local: ClientData) -> Shard | None:
 def run_centralized(
     task: Task, data: ClientData, test: Data | None, config: TrainConfig, run: RunDir, *,
     seed: int = 0, device: str = "cpu", on_epoch: EpochHook | None = None,
-    describe: dict[str, Any] | None = None,
+    describe: dict[str, Any] | None = None, dp_sgd: DPSGD | None = None,
 ) -> dict[str, Any]:
     """Train one model on ``data.train``; evaluate each epoch on ``test`` (else ``data.test``).
 
-    ``describe`` adds fields to the summary (e.g. the dataset and model names).
+    ``describe`` adds fields to the summary (e.g. the dataset and model names);
+    ``dp_sgd`` trains with DP-SGD and records ε per epoch.
     """
     started = time.perf_counter()
-    learner = _Learner(task, config, seed, device)
+    learner = _Learner(task, config, seed, device, dp_sgd)
     train = Shard.of(data.train)
     test_shard = _test_of(test, data)
     history: list[dict[str, Any]] = []

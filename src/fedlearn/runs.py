@@ -26,6 +26,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 MODEL = "model.safetensors"
 REPORT = "report.png"
+ATTACKERS = "attackers.json"
 
 
 def default_run_dir(command: str, root: Path = Path("runs")) -> Path:
@@ -79,7 +80,7 @@ class RunDir:
         import shutil
 
         names = {p.name for p in self.path.iterdir()} if self.path.is_dir() else set()
-        if names <= {CONFIG, METRICS} and not self.read_metrics():
+        if names <= {CONFIG, METRICS, ATTACKERS} and not self.read_metrics():
             shutil.rmtree(self.path, ignore_errors=True)
 
     def write_config(self, config: Mapping[str, Any]) -> None:
@@ -121,6 +122,10 @@ class RunDir:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json``."""
         atomic_write_text(self.path / SUMMARY, json.dumps(_jsonable(summary), indent=2) + "\n")
+
+    def write_attackers(self, record: Mapping[str, Any]) -> None:
+        """Write ``attackers.json``: which clients attack and how (robustness runs)."""
+        atomic_write_text(self.path / ATTACKERS, json.dumps(_jsonable(record), indent=2) + "\n")
 
     def read_summary(self) -> dict[str, Any]:
         """The summary of a finished run."""

@@ -10,10 +10,12 @@ loop; everything else (deltas, example counts, metrics) is the same.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +36,9 @@ from fedlearn.tasks.base import (
 )
 from fedlearn.types import ClientResult, EvalResult, Weights
 from fedlearn.weights import check, spec_of, subtract
+
+if TYPE_CHECKING:
+    from fedlearn.privacy.dpsgd import DPSGD, DPLedger
 
 EVAL_BATCH = 2000
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -207,12 +212,14 @@ def train_epochs(
     on_epoch: Callable[[int, float, float], None] | None = None,
     slowdown: float = 1.0,
     device: str = "cpu",
+    precision: str = "fp32",
 ) -> tuple[float, float]:
     """Train ``model`` in place for ``config.epochs`` epochs of mini-batches.
 
     Returns (mean loss, accuracy) over the last epoch's training batches
     (accuracy NaN unless ``classification``). ``slowdown`` > 1 stretches wall
-    time by that factor (benchmarks only).
+    time by that factor (benchmarks only). ``precision`` ``bf16`` runs the
+    forward pass and loss under bfloat16 autocast (weights stay float32).
     """
     opt = optimizer if optimizer is not None else make_optimizer(model, config)
     loss_fn = loss if loss is not None else LOSSES["cross_entropy"]
@@ -231,9 +238,10 @@ def train_epochs(
             xb = data.x.index_select(0, idx).to(device, non_blocking=True)
             yb = data.y.index_select(0, idx).to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            out = model(xb)
-            value = (nn.functional.cross_entropy(out, yb) if fused
-                     else mean_loss(loss_fn, out, yb))
+            with autocast(device, precision):
+                out = model(xb)
+                value = (nn.functional.cross_entropy(out, yb) if fused
+                         else mean_loss(loss_fn, out, yb))
             value.backward()  # type: ignore[no-untyped-call]
             opt.step()
             with torch.no_grad():
@@ -249,11 +257,26 @@ def train_epochs(
     return last
 
 
-class Trainer:
-    """Trains and evaluates one task in one process (a model workspace on ``device``)."""
+def autocast(device: str, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast on ``device`` for ``precision`` ``bf16``; nothing for ``fp32``."""
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
-    def __init__(self, task: Task, *, seed: int = 0, device: str = "cpu") -> None:
+
+class Trainer:
+    """Trains and evaluates one task in one process (a model workspace on ``device``).
+
+    ``precision`` ``bf16`` trains under bfloat16 autocast; evaluation stays float32.
+    """
+
+    def __init__(self, task: Task, *, seed: int = 0, device: str = "cpu",
+                 precision: str = "fp32", dp_sgd: DPSGD | None = None) -> None:
         self.task = task
+        self.precision = precision
+        self.dp_sgd = dp_sgd
+        #: The DP-SGD ledger of the client this trainer serves (when fit is given none).
+        self.ledger: DPLedger | None = None
         self.device = resolve_device(device)
         self.model = build_task_model(task, seed).to(self.device) if task.uses_torch else None
         self.loss = per_sample_loss(task) if task.uses_torch else None
@@ -266,18 +289,21 @@ class Trainer:
 
     def fit(
         self, weights: Weights, data: Shard, config: TrainConfig, *, seed: int,
-        base_version: int = 0, slowdown: float = 1.0,
+        base_version: int = 0, slowdown: float = 1.0, ledger: DPLedger | None = None,
     ) -> ClientResult:
         """Train from ``weights`` on ``data``; the delta, example count and metrics.
 
         A fresh optimizer is made for each call (as in FedAvg); ``seed`` fixes the
-        data order.
+        data order. With DP-SGD the run is added to ``ledger`` (default: this
+        trainer's own) and the metrics carry the client's ε and δ so far.
         """
         started = time.perf_counter()
         self._load(weights)
         metrics: dict[str, float] = {}
         num = len(data)
-        if self.task.train is not None:
+        if self.dp_sgd is not None:
+            new, metrics = self._private_fit(data, config, seed, ledger)
+        elif self.task.train is not None:
             new, num, metrics = self._custom_train(weights, data, config, seed)
         else:
             if self.model is None:  # pragma: no cover - Task validates
@@ -286,7 +312,7 @@ class Trainer:
                 self.model, data, config, seed=seed,
                 optimizer=make_optimizer(self.model, config, self.task), loss=self.loss,
                 classification=self.task.kind == "classification", slowdown=slowdown,
-                device=self.device,
+                device=self.device, precision=self.precision,
             )
             metrics = {"train_loss": loss}
             if self.task.kind == "classification" and not np.isnan(acc):
@@ -295,6 +321,30 @@ class Trainer:
         metrics["seconds"] = time.perf_counter() - started
         return ClientResult(delta=subtract(new, weights), num_examples=num,
                             base_version=base_version, metrics=metrics)
+
+    def _private_fit(self, data: Shard, config: TrainConfig, seed: int,
+                     ledger: DPLedger | None) -> tuple[Weights, dict[str, float]]:
+        from fedlearn.privacy.dpsgd import DPLedger
+        from fedlearn.training_dp import dp_train_epochs
+
+        if ledger is None:
+            if self.ledger is None:
+                self.ledger = DPLedger()
+            ledger = self.ledger
+        spec = self.dp_sgd
+        if spec is None or self.model is None or self.task.train is not None \
+                or self.task.optimizer is not None:
+            raise ConfigError("--dp-sgd trains with fedlearn's own loop and optimizer; a task "
+                              "with its own train function or optimizer must add DP itself.")
+        model, task = self.model, self.task
+        rows = data.rows()
+        loss, steps = dp_train_epochs(
+            model, data.x.index_select(0, rows), data.y.index_select(0, rows), config, spec,
+            ledger, seed=seed, make_optimizer=lambda m: make_optimizer(m, config, task),
+            loss=self.loss or LOSSES["cross_entropy"], device=self.device)
+        metrics = {"train_loss": loss, "dp_steps": float(steps),
+                   "dp_epsilon": ledger.epsilon(spec.delta), "dp_delta": spec.delta}
+        return get_weights(model), metrics
 
     def _custom_train(
         self, weights: Weights, data: Shard, config: TrainConfig, seed: int

@@ -16,6 +16,7 @@ CHECKS = [
     ("fedlearn.models", {"fastapi", "httpx", "fedlearn.cli"}),
     ("fedlearn.privacy", {"torch", "fastapi", "httpx", "fedlearn.cli"}),
     ("fedlearn.strategies", {"torch", "fastapi", "httpx", "fedlearn.cli"}),
+    ("fedlearn.attacks", {"torch", "fastapi", "httpx", "fedlearn.cli"}),
     # The coordinators are the server's logic, apart from its HTTP app and the models.
     ("fedlearn.server.coordinator",
      {"fastapi", "starlette", "uvicorn", "httpx", "torch", "fedlearn.cli"}),

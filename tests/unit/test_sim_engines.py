@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fedlearn.config import TrainConfig
+from fedlearn.errors import ConfigError
 from fedlearn.models import build_model, get_weights
 from fedlearn.sim import (
     ENGINES,
@@ -22,7 +23,6 @@ from fedlearn.sim import (
     SequentialEngine,
     VectorizedEngine,
     make_engine,
-    unsupported_reason,
 )
 from fedlearn.sim.vectorized import make_schedule
 from fedlearn.training import Shard, epoch_orders, local_update
@@ -217,21 +217,122 @@ def test_schedule_epochs_use_each_epochs_permutation() -> None:
         assert plan.scale[3 * e + 2, 0].tolist() == [0.25] * 4 + [0.0] * 4
 
 
+class Branchy(torch.nn.Module):
+    """A forward that branches on tensor values: not stackable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(torch.flatten(x, 1))
+        return out if bool(out.sum() > 0) else -out
+
+
 def test_vectorized_falls_back_for_a_model_it_cannot_stack() -> None:
     lines: list[str] = []
-    cnn = build_model("cnn", (1, 28, 28), 10)
+    net = Branchy()
     cfg = TrainConfig(optimizer="sgd", lr=0.01)
-    assert unsupported_reason(cnn, cfg) is not None
-    x = torch.zeros(4, 1, 28, 28)
-    y = torch.zeros(4, dtype=torch.int64)
-    eng = make_engine("vectorized", cnn, x, y, cfg, log=lines.append)
+    x, y = toy_data(4)
+    eng = make_engine("vectorized", net, x, y, cfg, log=lines.append)
     assert isinstance(eng, SequentialEngine)
-    assert len(lines) == 1 and "sequential" in lines[0] and "convolutions" in lines[0]
-    ups = eng.train_round(get_weights(cnn), [ClientTask("a", np.arange(4), 0)], cfg)
+    assert len(lines) == 1 and "sequential" in lines[0] and "control flow" in lines[0], lines
+    ups = eng.train_round(get_weights(net), [ClientTask("a", np.arange(4), 0)], cfg)
     assert ups[0].num_examples == 4
 
 
-def test_vectorized_stacks_any_model_without_convolutions_on_the_cpu() -> None:
+class ConvBN(torch.nn.Module):
+    """A small conv net with BatchNorm2d, as a user would write one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        return self.fc(torch.flatten(h, 1))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("max_parallel", [None, 1, 2])
+def test_vectorized_stacks_conv_nets_and_matches_sequential(opt: str,
+                                                            max_parallel: int | None) -> None:
+    from fedlearn.sim.functional import FunctionalEngine
+
+    torch.manual_seed(0)
+    net = ConvBN()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 1, 8, 8, generator=g)
+    y = torch.randint(0, 3, (50,), generator=g)
+    cfg = TrainConfig(optimizer=opt, lr=0.05, batch_size=8, momentum=0.9 if opt == "sgd" else 0.0,
+                      epochs=2)
+    lines: list[str] = []
+    eng = make_engine("vectorized", net, x, y, cfg, max_parallel=max_parallel,
+                      log=lines.append)
+    assert isinstance(eng, FunctionalEngine), lines
+    seq = make_engine("sequential", net, x, y, cfg)
+    tasks = [ClientTask("a", np.arange(0, 20), 1), ClientTask("b", np.arange(20, 33), 2),
+             ClientTask("c", np.arange(33, 50), 3)]
+    start = get_weights(net)
+    for got, want in zip(eng.train_round(start, tasks, cfg), seq.train_round(start, tasks, cfg),
+                         strict=True):
+        assert got.client_id == want.client_id
+        for k in want.delta:
+            np.testing.assert_allclose(got.delta[k], want.delta[k], atol=2e-5, err_msg=k)
+
+
+def test_mlp_engine_in_chunks_matches_all_at_once() -> None:
+    mlp = build_model("mlp", SHAPE, CLASSES)
+    x, y = toy_data(60)
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, batch_size=4)
+    tasks = [ClientTask(f"c{i}", np.arange(i * 10, i * 10 + 5 + i), i) for i in range(5)]
+    whole = make_engine("vectorized", mlp, x, y, cfg)
+    chunked = make_engine("vectorized", mlp, x, y, cfg, max_parallel=2)
+    assert isinstance(chunked, VectorizedEngine)
+    start = get_weights(mlp)
+    for got, want in zip(chunked.train_round(start, tasks, cfg),
+                         whole.train_round(start, tasks, cfg), strict=True):
+        assert got.client_id == want.client_id
+        for k in want.delta:
+            np.testing.assert_allclose(got.delta[k], want.delta[k], atol=1e-6, err_msg=k)
+
+
+def test_bf16_precision_trains_close_to_fp32() -> None:
+    from fedlearn.sim.functional import FunctionalEngine
+
+    torch.manual_seed(0)
+    net = ConvBN()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 1, 8, 8, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3))
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, batch_size=8)
+    tasks = [ClientTask("a", np.arange(0, 20), 1), ClientTask("b", np.arange(20, 40), 2)]
+    start = get_weights(net)
+    fp32 = make_engine("sequential", net, x, y, cfg).train_round(start, tasks, cfg)
+    lines: list[str] = []
+    for name, model in (("vectorized", net), ("sequential", net), ("vectorized", plain)):
+        eng = make_engine(name, model, x, y, cfg, precision="bf16", log=lines.append)
+        if model is plain:
+            assert isinstance(eng, FunctionalEngine), lines
+            start = get_weights(plain)
+            fp32 = make_engine("sequential", plain, x, y, cfg).train_round(start, tasks, cfg)
+        got = eng.train_round(start, tasks, cfg)
+        for u, w in zip(got, fp32, strict=True):
+            key = "fc.weight" if model is net else "3.weight"
+            d = u.delta[key]
+            assert np.isfinite(d).all() and not np.array_equal(d, w.delta[key])
+            np.testing.assert_allclose(d, w.delta[key], atol=0.05)
+    # BatchNorm's stacked form has no bfloat16 kernel here: one line, then sequential.
+    assert "using the sequential engine" in lines[0], lines
+    with pytest.raises(ConfigError, match="precision"):
+        make_engine("vectorized", net, x, y, cfg, precision="fp8")
+
+
+def test_vectorized_stacks_any_model_with_batchnorm() -> None:
     from fedlearn.sim.functional import FunctionalEngine
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,7 +126,7 @@ def test_engines_reach_the_same_model_and_write_the_run(tmp_path: Path) -> None:
     assert accs[0] > 0.6
 
 
-def test_vectorized_falls_back_to_sequential_for_the_cnn(tmp_path: Path) -> None:
+def test_vectorized_runs_the_cnn_and_matches_sequential(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, 40).astype(np.int64)
@@ -136,8 +137,13 @@ def test_vectorized_falls_back_to_sequential_for_the_cnn(tmp_path: Path) -> None
     summary = run_simulation(config, toy_task(ds, "cnn"),
                              RunDir.create(tmp_path / "r", config_record(config)),
                              log=lines.append)
-    assert summary["engine"] == "sequential" and summary["engine_requested"] == "vectorized"
-    assert len(lines) == 1 and "sequential" in lines[0]
+    assert summary["engine"] == "vectorized" and summary["engine_requested"] == "vectorized"
+    assert len(lines) == 1 and "clients at once" in lines[0], lines
+    seq = dataclasses.replace(config, engine="sequential")
+    run_simulation(seq, toy_task(ds, "cnn"), RunDir.create(tmp_path / "s", config_record(seq)))
+    got, want = (load_model_file(tmp_path / d / "model.safetensors") for d in ("r", "s"))
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-5, err_msg=k)
 
 
 @pytest.mark.parametrize(

@@ -94,6 +94,28 @@ def test_async_with_one_client_at_a_time_is_a_sequential_fedasync_merge(
     assert summary["final_accuracy"] == rows[-1]["accuracy"]
 
 
+def test_async_attackers_poison_their_deltas_before_the_merge(tmp_path: Path) -> None:
+    """Every client flips its sign: the sequential merge with -delta, and attackers.json."""
+    summary, run = simulate(tmp_path, config(updates=3, attack="sign-flip", attackers=1.0))
+    parts = shards(3)
+    model = build_model("mlp", (1, 4, 4), 3, seed=None)
+    w: Weights = initial_state(toy_task(), 4)
+    rng = rng_for("async-sample", 4)
+    given: dict[str, int] = {}
+    for _ in range(3):
+        index = int(rng.integers(3))
+        cid = f"client-{index}"
+        given[cid] = given.get(cid, 0) + 1
+        res = local_update(model, w, parts[index], SGD,
+                           seed=derive_seed("async-task", 4, cid, given[cid]))
+        w = {k: (v.astype(np.float64) - 0.6 * res.delta[k].astype(np.float64)).astype(v.dtype)
+             for k, v in w.items()}
+    got = load_model_file(run.path / "model.safetensors")
+    for k in w:
+        np.testing.assert_allclose(got[k], w[k], rtol=0, atol=1e-5, err_msg=k)
+    assert (run.path / "attackers.json").exists() and summary["updates"] == 3
+
+
 def test_staleness_counts_the_versions_merged_since_a_task_started(tmp_path: Path) -> None:
     """Two clients always busy; client-1 is 1/0.3 times slower than client-0."""
     parts = shards(2)

@@ -9,10 +9,13 @@ import typer
 from rich.table import Table
 
 from fedlearn.cli.common import (
+    DEFAULT_DELTA,
     BatchOpt,
     DataOpt,
     DatasetOpt,
     DeviceOpt,
+    DPDeltaOpt,
+    DPSGDOpt,
     EpochsOpt,
     LabelOpt,
     LrOpt,
@@ -64,14 +67,18 @@ def centralized(
     device: DeviceOpt = "cpu",
     out: OutOpt = None,
     threads: ThreadsOpt = None,
+    dp_sgd: DPSGDOpt = None,
+    dp_delta: DPDeltaOpt = DEFAULT_DELTA,
 ) -> None:
     """Train one model on all the training data (the centralized baseline)."""
     from fedlearn.baselines import run_centralized
+    from fedlearn.privacy.dpsgd import parse_dp_sgd
     from fedlearn.runs import RunDir, default_run_dir
     from fedlearn.tasks.runtime import context, load_client_data, server_test_data
 
     set_threads(threads)
     check_seed(seed)
+    private = parse_dp_sgd(dp_sgd, dp_delta)
     config = _train_config(epochs, batch_size, optimizer, lr, momentum, weight_decay)
     the_task, ref = resolve_task(task, dataset, model)
     device = device_name(device)
@@ -81,7 +88,8 @@ def centralized(
     run = RunDir.create(
         out or default_run_dir("centralized"),
         {"mode": "centralized", **ref, "seed": seed, "data": data, "label": label,
-         "test_fraction": test_fraction, "train": config.as_dict()},
+         "test_fraction": test_fraction, "train": config.as_dict(),
+         **({"dp_sgd": dp_sgd, "dp_delta": dp_delta} if private else {})},
     )
     where = data if data is not None else dataset
     console.print(f"centralized: {the_task.name} ({len(local.train)} train examples from "
@@ -93,7 +101,7 @@ def centralized(
                           markup=False, highlight=False)
 
         summary = run_centralized(the_task, local, test, config, run, seed=seed, device=device,
-                                  on_epoch=on_epoch, describe=ref)
+                                  on_epoch=on_epoch, describe=ref, dp_sgd=private)
     console.print(f"{final_text(summary)}; run directory {run.path}", markup=False,
                   highlight=False)
 

@@ -10,9 +10,12 @@ from typing import Annotated
 import typer
 
 from fedlearn.cli.common import (
+    DEFAULT_DELTA,
     DataOpt,
     DatasetOpt,
     DeviceOpt,
+    DPDeltaOpt,
+    DPSGDOpt,
     LabelOpt,
     TaskOpt,
     TestFractionOpt,
@@ -133,6 +136,15 @@ def client(
         int, typer.Option("--max-offline", help="Async runs: trainings in a row to go on with "
                           "while the server stays unreachable, before giving up.")
     ] = 10,
+    dp_sgd: DPSGDOpt = None,
+    dp_delta: DPDeltaOpt = DEFAULT_DELTA,
+    attack: Annotated[
+        str | None, typer.Option("--attack", help="For robustness benchmarks only: this client "
+                                 "attacks the run, sending sign-flip[:F] (-F x delta), scale:F, "
+                                 "gaussian:SIGMA (noise) or same-value:V instead of its delta, "
+                                 "or training on flipped labels (label-flip).",
+                                 rich_help_panel="Robustness benchmarks")
+    ] = None,
 ) -> None:
     """Join a server's run: train on local data each round and send the updates."""
     from fedlearn.client.identity import default_credential_file
@@ -167,6 +179,8 @@ def client(
         max_wait=max_wait, slowdown=slowdown,
         ca_file=None if ca_file is None else str(ca_file),
         cpu_slot=None if cpu_slot is None else str(cpu_slot), max_offline=max_offline,
+        dp_sgd=dp_sgd, dp_delta=dp_delta,
+        attack=attack or "",
     )
     set_threads(threads)
 

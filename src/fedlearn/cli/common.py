@@ -107,6 +107,30 @@ TestFractionOpt = Annotated[
     float, typer.Option("--test-fraction", help="Share of the local data held out as a local "
                         "test set (federated evaluation), split with the seed.")
 ]
+DPSGDOpt = Annotated[
+    str | None, typer.Option("--dp-sgd", metavar="NOISE:MAX_GRAD_NORM",
+                             help="Sample-level DP-SGD with Opacus: per-example clipping to "
+                             "MAX_GRAD_NORM, Gaussian noise NOISE x MAX_GRAD_NORM, Poisson "
+                             "batches; the client's epsilon is reported.")
+]
+#: δ at which DP-SGD's ε is reported (kept equal to fedlearn.privacy.dpsgd.DEFAULT_DELTA).
+DEFAULT_DELTA = 1e-5
+DPDeltaOpt = Annotated[
+    float, typer.Option("--dp-delta", help="The delta at which DP-SGD's epsilon is reported.")
+]
+AttackOpt = Annotated[
+    str | None,
+    typer.Option("--attack", help="For robustness evaluation: the attackers send sign-flip[:F] "
+                 "(-F x delta), scale:F, gaussian:SIGMA (noise instead of the delta) or "
+                 "same-value:V, or train on flipped labels (label-flip).",
+                 rich_help_panel="Robustness evaluation"),
+]
+AttackersOpt = Annotated[
+    float | None,
+    typer.Option("--attackers", help="Share of the clients that attack, chosen with the seed "
+                 "and listed in the run's attackers.json. [default: 0.2 with --attack]",
+                 rich_help_panel="Robustness evaluation"),
+]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda or mps (auto: cuda when present).")
 ]

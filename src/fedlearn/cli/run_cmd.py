@@ -15,9 +15,15 @@ from typing import IO, Annotated, Any
 
 import typer
 
+from fedlearn.attacks import Attackers, check_attack_config
 from fedlearn.cli.common import (
+    DEFAULT_DELTA,
+    AttackersOpt,
+    AttackOpt,
     DataOpt,
     DeviceOpt,
+    DPDeltaOpt,
+    DPSGDOpt,
     LabelOpt,
     TaskOpt,
     TestFractionOpt,
@@ -116,6 +122,10 @@ def run(
     concurrency: Annotated[int | None, typer.Option(
         "--concurrency", help="At most this many clients train at once on this machine "
         "(default: its core count when no --slowdown is given; 0: no limit).")] = None,
+    dp_sgd: DPSGDOpt = None,
+    dp_delta: DPDeltaOpt = DEFAULT_DELTA,
+    attack: AttackOpt = None,
+    attackers: AttackersOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.")] = None,
 ) -> None:
     """Start a server and N clients on 127.0.0.1 and run a federated training to the end."""
@@ -126,6 +136,10 @@ def run(
 
     if clients < 1:
         raise ConfigError(f"--clients must be at least 1, got {clients}.")
+    from fedlearn.privacy.dpsgd import parse_dp_sgd
+
+    private = ["--dp-sgd", str(dp_sgd), "--dp-delta", repr(dp_delta)] \
+        if parse_dp_sgd(dp_sgd, dp_delta) else []
     asynchronous = mode == "async"
     if asynchronous and rounds is not None:
         raise ConfigError("--rounds is for --mode sync; an async run stops at --max-updates or "
@@ -153,6 +167,7 @@ def run(
         raise ConfigError(f"--min-results {min_results} is more than the {clients} clients; "
                           "no round could ever close. Lower it or add clients.")
     parts = [client_partition(partition, clients, i) for i in range(clients)]
+    hostile = _attackers(attack, attackers, clients, seed, the_task)
     slow = _parse_slowdown(slowdown or [], clients)
     run_dir = Path(out or default_run_dir("run"))
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -209,7 +224,10 @@ def run(
         recorded.write_config({**recorded.read_config(), "clients": {
             "count": clients, "partition": partition, "data": data, "label": label,
             "test_fraction": test_fraction, "device": device, "partition_seed": seed,
-            "concurrency": slots, "slowdown": {str(k): v for k, v in slow.items()}}})
+            "concurrency": slots, "slowdown": {str(k): v for k, v in slow.items()},
+            **({"attack": attack, "attackers": hostile.fraction} if attack else {})}})
+        if hostile.attack is not None:
+            recorded.write_attackers(hostile.record())
         console.print(f"server at {url} (logs in {logs})")
         for i in range(clients):
             local_data = [] if data is None else ["--data", data.replace("{i}", str(i))]
@@ -221,7 +239,9 @@ def run(
                 "--test-fraction", repr(test_fraction), "--device", device,
                 "--partition", parts[i], "--partition-seed", str(seed),
                 "--credential-file", str(run_dir / "clients" / f"client-{i}.json"),
+                "--slowdown", str(slow.get(i, 1.0)), *private,
                 "--slowdown", str(slow.get(i, 1.0)),
+                *(["--attack", str(attack)] if f"client-{i}" in hostile.ids else []),
                 *(["--cpu-slot", str(logs / f".cpu-slot-{i % slots}")] if slots else []),
             ])
         if asynchronous:
@@ -271,6 +291,14 @@ def run(
         f"rounds; median {summary.get('median_round_seconds') or 0:.2f}s per round; "
         f"run directory {run_dir}", markup=False, highlight=False
     )
+
+
+def _attackers(spec: str | None, fraction: float | None, clients: int, seed: int,
+               task: Any) -> Attackers:
+    """The clients ``--attack``/``--attackers`` make attackers (none without ``--attack``)."""
+    resolved = check_attack_config(spec or "", fraction, clients)
+    return Attackers.of(spec or "", resolved or 0.0, [f"client-{i}" for i in range(clients)],
+                        seed, task)
 
 
 def _first_error(logs: Path) -> str:

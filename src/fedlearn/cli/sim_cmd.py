@@ -8,9 +8,14 @@ from typing import Annotated, Any
 import typer
 
 from fedlearn.cli.common import (
+    DEFAULT_DELTA,
+    AttackersOpt,
+    AttackOpt,
     DataOpt,
     DatasetOpt,
     DeviceOpt,
+    DPDeltaOpt,
+    DPSGDOpt,
     LabelOpt,
     ModelOpt,
     OutOpt,
@@ -59,9 +64,17 @@ def sim(
                          help="iid, dirichlet:A or shards:K, split among the clients.")] = "iid",
     rounds: Annotated[int | None, typer.Option("--rounds", help="sync: rounds to run. "
                       "[default: 10]")] = None,
-    engine: Annotated[str, typer.Option("--engine", help="vectorized (all sampled clients at "
-                      "once; mlp) or sequential (one after another; any model).")]
+    engine: Annotated[str, typer.Option("--engine", help="vectorized (the sampled clients "
+                      "trained at once, stacked; any model it can stack, else sequential) or "
+                      "sequential (one after another; any task).")]
     = "vectorized",
+    max_parallel: Annotated[int | None, typer.Option(
+        "--max-parallel", help="Most clients the vectorized engine stacks at once (chunks). "
+        "[default: as many as half the free memory holds; printed]")] = None,
+    precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16 (bfloat16 "
+                         "autocast for training).")] = "fp32",
+    dp_sgd: DPSGDOpt = None,
+    dp_delta: DPDeltaOpt = DEFAULT_DELTA,
     task: TaskOpt = None,
     dataset: DatasetOpt = "fashion-mnist",
     model: ModelOpt = "mlp",
@@ -91,6 +104,8 @@ def sim(
     = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Run seed (model, partition, "
                     "sampling, data order).")] = 0,
+    attack: AttackOpt = None,
+    attackers: AttackersOpt = None,
     device: DeviceOpt = "cpu",
     out: OutOpt = None,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch.")]
@@ -135,9 +150,10 @@ def sim(
         engine=engine, dataset=dataset, model=model, task=ref.get("task", ""), data=data,
         label=label, test_fraction=test_fraction, eval_every=eval_every,
         eval_fraction=eval_fraction, strategy=strategy, server_lr=server_lr, seed=seed,
-        train=train, mode=mode, max_staleness=max_staleness, client_speeds=client_speeds,
-        round_timeout=round_timeout, updates=updates, concurrency=concurrency,
-        max_virtual_time=max_virtual_time, **policy,
+        max_parallel=max_parallel, precision=precision, dp_sgd=dp_sgd, dp_delta=dp_delta,
+        attack=attack or "", attackers=attackers, train=train, mode=mode,
+        max_staleness=max_staleness, client_speeds=client_speeds, round_timeout=round_timeout,
+        updates=updates, concurrency=concurrency, max_virtual_time=max_virtual_time, **policy,
     )
     device = device_name(device)
     torch.set_num_threads(threads)

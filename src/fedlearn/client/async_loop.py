@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedlearn.client.remote import RetriesExhausted, Task
+from fedlearn.client.remote import PayloadRefused, RetriesExhausted, Task
 from fedlearn.errors import ConflictError, RemoteError
 from fedlearn.seeding import derive_seed
 from fedlearn.types import Weights
@@ -127,9 +127,12 @@ class AsyncLoop:
         except RetriesExhausted as exc:
             self._unreachable(exc, "send our update")
             return
-        except ConflictError as exc:
+        except (ConflictError, PayloadRefused) as exc:
+            if isinstance(exc, PayloadRefused) and not w.attackers.active:
+                raise
             # Its base is no good to the server (too stale, from the future after a
-            # restart, or the run is over): drop it and start again from a fresh pull.
+            # restart, or the run is over; or an attacker's update caught by the
+            # server's checks): drop it and start again from a fresh pull.
             self.refused += 1
             self.base, self.owed, self.offline = self.local, 0, 0
             w.log(f"{line}; refused: {exc}")

@@ -8,6 +8,7 @@ A task with a client-API ``script`` runs that script in a thread instead.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedlearn.client_api import ClientInfo, FLModel, ScriptRunner
@@ -18,6 +19,7 @@ from fedlearn.types import ClientResult, EvalResult, Weights
 from fedlearn.weights import check, spec_of, subtract
 
 if TYPE_CHECKING:
+    from fedlearn.privacy.dpsgd import DPSGD
     from fedlearn.training import Shard, Trainer
 
 
@@ -26,10 +28,12 @@ class LocalClient:
 
     def __init__(
         self, task: Task, ctx: DataContext, *, seed: int = 0, device: str = "cpu",
-        data: ClientData | None = None,
+        data: ClientData | None = None, dp_sgd: DPSGD | None = None,
+        ledger_file: str | None = None,
     ) -> None:
         self.task = task
         self.ctx = ctx
+        self.ledger_file = Path(ledger_file) if ledger_file and dp_sgd is not None else None
         self.runner: ScriptRunner | None = None
         self.trainer: Trainer | None = None
         self.train_shard: Shard | None = None
@@ -45,7 +49,16 @@ class LocalClient:
         from fedlearn.training import Shard, Trainer
 
         loaded = data if data is not None else load_client_data(task, ctx)
-        self.trainer = Trainer(task, seed=seed, device=device)
+        self.trainer = Trainer(task, seed=seed, device=device, dp_sgd=dp_sgd)
+        if dp_sgd is not None:
+            from fedlearn.training_dp import check_private_model
+
+            if self.trainer.model is not None:
+                check_private_model(self.trainer.model)
+            if self.ledger_file is not None:
+                from fedlearn.privacy.dpsgd import DPLedger
+
+                self.trainer.ledger = DPLedger.load(self.ledger_file)
         self.train_shard = Shard.of(loaded.train)
         self.test_shard = Shard.of(loaded.test) if loaded.test is not None else None
 
@@ -68,8 +81,11 @@ class LocalClient:
     ) -> ClientResult:
         """Train from ``weights`` with ``config``; the delta, examples and metrics."""
         if self.trainer is not None and self.train_shard is not None:
-            return self.trainer.fit(weights, self.train_shard, config, seed=seed,
-                                    base_version=version, slowdown=slowdown)
+            result = self.trainer.fit(weights, self.train_shard, config, seed=seed,
+                                      base_version=version, slowdown=slowdown)
+            if self.ledger_file is not None and self.trainer.ledger is not None:
+                self.trainer.ledger.save(self.ledger_file)
+            return result
         if self.runner is None:  # pragma: no cover - one of the two is always set
             raise ConfigError("this client has neither a model nor a script.")
         started = time.perf_counter()

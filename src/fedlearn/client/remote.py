@@ -54,6 +54,11 @@ class ServerUnavailable(RemoteError):
         self.url = url
 
 
+class PayloadRefused(RemoteError):
+    """The server refused an update as malformed, too large or over its norm limit (HTTP 400
+    or 413 to ``POST /api/update``)."""
+
+
 class RetriesExhausted(RemoteError):
     """The server stayed unreachable through every retry of :func:`with_retries`."""
 
@@ -289,6 +294,8 @@ class RemoteServer:
             raise AuthError(detail)
         if code == 409:
             raise ConflictError(detail)
+        if code in (400, 413) and path == "/api/update":
+            raise PayloadRefused(f"the server refused {method} {path} ({code}): {detail}")
         raise RemoteError(f"the server refused {method} {path} ({code}): {detail}")
 
     def _json(self, response: httpx.Response, what: str) -> dict[str, Any]:

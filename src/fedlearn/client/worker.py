@@ -9,6 +9,7 @@ the same code the simulator uses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import math
 import random
@@ -17,10 +18,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from fedlearn.attacks import Attackers, label_flip_classes, parse_attack
 from fedlearn.client.identity import load_identity, save_identity
 from fedlearn.client.local import LocalClient
 from fedlearn.client.remote import (
     MAX_POLL_WAIT,
+    PayloadRefused,
     Registration,
     RetriesExhausted,
     Task,
@@ -28,6 +31,7 @@ from fedlearn.client.remote import (
 )
 from fedlearn.config import TrainConfig
 from fedlearn.errors import AuthError, ConfigError, ConflictError, RemoteError
+from fedlearn.tasks.base import ClientData, Data, DataContext
 from fedlearn.tasks.base import Task as TaskDef
 from fedlearn.types import ClientResult, Weights
 
@@ -103,6 +107,9 @@ class WorkerConfig:
     host take turns on its cores instead of thrashing them. ``max_offline``
     (async runs) is how many times in a row the client goes on training when
     the server stays unreachable through every retry, before it gives up.
+    ``attack`` (robustness benchmarks only) makes this client an attacker
+    (:mod:`fedlearn.attacks`): it poisons its delta or its training labels, and
+    goes on when the server refuses what it sends.
     """
 
     server: str
@@ -125,8 +132,14 @@ class WorkerConfig:
     ca_file: str | None = None
     cpu_slot: str | None = None
     max_offline: int = 10
+    dp_sgd: str | None = None
+    dp_delta: float = 1e-5
+    attack: str = ""
 
     def __post_init__(self) -> None:
+        from fedlearn.privacy.dpsgd import parse_dp_sgd
+
+        parse_dp_sgd(self.dp_sgd, self.dp_delta)
         if not self.client_id.strip():
             raise ConfigError("the client id is empty; pass --client-id NAME.")
         if not 0 < self.poll_wait <= MAX_POLL_WAIT:
@@ -141,6 +154,8 @@ class WorkerConfig:
                               f"got {self.max_wait}.")
         if self.max_offline < 0:
             raise ConfigError(f"--max-offline must be 0 or more, got {self.max_offline}.")
+        if self.attack:
+            parse_attack(self.attack)
         if not (self.slowdown >= 1.0 and math.isfinite(self.slowdown)):
             raise ConfigError(f"--slowdown must be a finite factor of at least 1, "
                               f"got {self.slowdown}.")
@@ -245,6 +260,8 @@ class _Worker:
         self.trained = 0
         self.refused = 0
         self.last_round = 0
+        self.attackers = Attackers()
+        self.refused_task = ""  # an attacker's task whose update the server refused
 
     def call(self, fn: Callable[[], T]) -> T:
         """``fn()`` retried while the server is unreachable.
@@ -277,8 +294,35 @@ class _Worker:
     def prepare(self) -> None:
         """Load this client's data for its task (before anything is sent)."""
         if self.local is None and self.task is not None:
-            self.local = LocalClient(self.task, data_context(self.config),
-                                     seed=self.config.partition_seed, device=self.config.device)
+            from fedlearn.privacy.dpsgd import parse_dp_sgd
+
+            dp_sgd = parse_dp_sgd(self.config.dp_sgd, self.config.dp_delta)
+            ledger = (None if self.config.credential_file is None
+                      else self.config.credential_file.removesuffix(".json") + ".dpsgd.json")
+            if dp_sgd is not None:
+                self.log(f"{dp_sgd.describe()}; ε reported at δ = {dp_sgd.delta:g}")
+            ctx = data_context(self.config)
+            data = None
+            if self.config.attack:
+                attack = parse_attack(self.config.attack)
+                classes = label_flip_classes(self.task) if attack.poisons_data else None
+                self.attackers = Attackers(attack, frozenset({self.config.client_id}), classes)
+                self.log(f"attacking ({attack}) for a robustness benchmark")
+                if attack.poisons_data:
+                    data = self.poisoned(ctx)
+            self.local = LocalClient(self.task, ctx, seed=self.config.partition_seed,
+                                     device=self.config.device, data=data, dp_sgd=dp_sgd,
+                                     ledger_file=ledger)
+
+    def poisoned(self, ctx: DataContext) -> ClientData:
+        """This client's data with the training labels flipped (``label-flip``)."""
+        from fedlearn.tasks.runtime import load_client_data
+
+        if self.task is None:  # pragma: no cover - prepare() checks it
+            raise ConfigError("no task to train.")
+        data = load_client_data(self.task, ctx)
+        flipped = self.attackers.labels(self.config.client_id, data.train.y)
+        return ClientData(Data(data.train.x, flipped), data.test)
 
     def register(self) -> None:
         """Register (with retries), refusing a server whose task is not ours."""
@@ -329,9 +373,13 @@ class _Worker:
         """Train from ``weights`` for ``task`` with the round's config."""
         if self.local is None:  # pragma: no cover
             raise ConfigError("no task to train.")
-        return self.local.fit(weights, self.round_config(task.config), seed=task.seed,
-                              round_number=task.round, version=task.version,
-                              slowdown=self.config.slowdown)
+        result = self.local.fit(weights, self.round_config(task.config), seed=task.seed,
+                                round_number=task.round, version=task.version,
+                                slowdown=self.config.slowdown)
+        if not self.attackers.active:
+            return result
+        return dataclasses.replace(result, delta=self.attackers.delta(
+            self.config.client_id, result.delta, task.seed))
 
     def run(self) -> WorkerSummary:
         """Loop until the server says ``done``."""
@@ -369,6 +417,11 @@ class _Worker:
         if task.action != "train":
             raise RemoteError(f"the server sent an unknown task action {task.action!r}; use "
                               "the same fedlearn version on server and clients.")
+        if task.task_id and task.task_id == self.refused_task:
+            # The server keeps a refused attacker's task open until the round's deadline:
+            # wait for the next one instead of training and sending it again and again.
+            self.sleep(min(self.config.poll_wait, 2.0))
+            return False
         self.train(task)
         return False
 
@@ -424,6 +477,13 @@ class _Worker:
             self.refused += 1
             self.log(f"{line}; update refused: {exc}")
             return
+        except PayloadRefused as exc:
+            if not self.attackers.active:
+                raise
+            self.refused += 1  # the server's checks caught the attack: that is their job
+            self.refused_task = task.task_id
+            self.log(f"{line}; attacked update refused: {exc}")
+            return
         self.trained += 1
         self.log(line)
 
@@ -435,8 +495,12 @@ def describe(metrics: Mapping[str, float]) -> str:
         parts.append(f"train loss {metrics['train_loss']:.4f}")
     if "train_accuracy" in metrics:
         parts.append(f"accuracy {100.0 * metrics['train_accuracy']:.2f}%")
+    if "dp_epsilon" in metrics:
+        parts.append(f"DP-SGD ε {metrics['dp_epsilon']:.3f} at δ {metrics.get('dp_delta', 0):g} "
+                     "so far")
     parts += [f"{k} {v:.4f}" for k, v in metrics.items()
-              if k not in ("train_loss", "train_accuracy", "seconds")]
+              if k not in ("train_loss", "train_accuracy", "seconds", "dp_epsilon", "dp_delta",
+                           "dp_steps")]
     if "seconds" in metrics:
         parts.append(f"{metrics['seconds']:.1f}s")
     return ", ".join(parts)

@@ -9,7 +9,7 @@ evaluation, the run directory). Client data is never copied up front: a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -19,6 +19,8 @@ from fedlearn.config import TrainConfig
 from fedlearn.types import Weights
 
 ENGINES: tuple[str, ...] = ("vectorized", "sequential")
+#: Arithmetic the engines train in: float32, or bfloat16 autocast (``torch.autocast``).
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class ClientUpdate:
     client_id: str
     delta: Weights
     num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Engine(Protocol):

@@ -18,20 +18,22 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedlearn.attacks import Attackers, check_attack_config
 from fedlearn.config import TrainConfig
 from fedlearn.data import parse_partition
 from fedlearn.errors import ConfigError, PartitionError
 from fedlearn.metrics import weighted_means
+from fedlearn.privacy.dpsgd import DPSGD, parse_dp_sgd
 from fedlearn.runs import RunDir, final_metrics
 from fedlearn.seeding import task_seed
-from fedlearn.sim.base import ENGINES, ClientTask, ClientUpdate, Engine
+from fedlearn.sim.base import ENGINES, PRECISIONS, ClientTask, ClientUpdate, Engine
 from fedlearn.sim.modes import check_modes
 from fedlearn.sim.sequential import ScriptEngine, SequentialEngine
 from fedlearn.sim.vectorized import VectorizedEngine, unsupported_reason
@@ -60,9 +62,15 @@ class SimConfig:
     test_fraction: float = 0.0
     eval_every: int = 1
     eval_fraction: float | None = None
+    attack: str = ""
+    attackers: float | None = None
     strategy: str = "fedavg"
     server_lr: float = 1.0
     seed: int = 0
+    max_parallel: int | None = None
+    precision: str = "fp32"
+    dp_sgd: str | None = None
+    dp_delta: float = 1e-5
     train: TrainConfig = field(default_factory=TrainConfig)
     # Simulated time (fedlearn.sim.virtual): async merging and sync round deadlines.
     mode: str = "sync"
@@ -92,6 +100,12 @@ class SimConfig:
             )
         if self.seed < 0:
             raise ConfigError(f"--seed must be 0 or more, got {self.seed}.")
+        if self.max_parallel is not None and self.max_parallel < 1:
+            raise ConfigError(f"--max-parallel must be at least 1, got {self.max_parallel}.")
+        check_precision(self.precision)
+        from fedlearn.privacy.dpsgd import parse_dp_sgd
+
+        parse_dp_sgd(self.dp_sgd, self.dp_delta)
         if self.eval_every < 1:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}.")
         if self.eval_fraction is not None and not 0 < self.eval_fraction <= 1:
@@ -106,6 +120,9 @@ class SimConfig:
                 "(iid, dirichlet:A or shards:K) and the simulator hands out the parts."
             )
         make_strategy(self.strategy, server_lr=self.server_lr)
+        # --attack without --attackers: the default share, written down as resolved.
+        object.__setattr__(self, "attackers",
+                           check_attack_config(self.attack, self.attackers, self.clients))
         if _sample_size(self.clients, self.per_round) != self.per_round:
             raise ConfigError(  # pragma: no cover - ceil(K/N * N) is K for any sane N
                 f"--per-round {self.per_round} of {self.clients} clients cannot be "
@@ -149,12 +166,21 @@ def make_engine(
     *,
     seed: int = 0,
     device: str = "cpu",
+    max_parallel: int | None = None,
+    precision: str = "fp32",
+    dp_sgd: DPSGD | None = None,
     log: Callable[[str], None] = print,
 ) -> Engine:
     """The engine ``name`` for ``task`` on the pooled training rows ``(x, y)``.
 
-    ``vectorized`` falls back to ``sequential`` (saying so in one line through
-    ``log``) for a task, model or optimizer it cannot stack.
+    ``vectorized`` stacks the sampled clients: the hand-written ``mlp`` engine
+    where it applies (measurably the fastest), else the general
+    :class:`~fedlearn.sim.functional.FunctionalEngine` for any torch model it
+    can stack; otherwise it falls back to ``sequential``, saying why in one
+    line through ``log``. ``max_parallel`` caps the clients stacked at once
+    (None: as many as memory holds); ``precision`` is ``fp32`` or ``bf16``
+    (autocast). The rows move to ``device`` once, here. ``dp_sgd`` trains
+    each client with Opacus's DP-SGD, one client after another.
     """
     from fedlearn.training import Trainer
 
@@ -162,38 +188,51 @@ def make_engine(
         task = model_task(task)
     if name not in ENGINES:
         raise ConfigError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}.")
-    trainer = Trainer(task, seed=seed, device=device)
+    check_precision(precision)
+    trainer = Trainer(task, seed=seed, device=device, precision=precision, dp_sgd=dp_sgd)
+    if dp_sgd is not None and trainer.model is not None:
+        from fedlearn.training_dp import check_private_model
+
+        check_private_model(trainer.model)
     if name == "vectorized":
-        why = _vectorized_reason(task, trainer, config)
+        why = _vectorized_reason(task, trainer)
         if why is None and trainer.model is not None and task.loss_name == "cross_entropy" \
+                and precision == "fp32" and trainer.device == "cpu" \
                 and unsupported_reason(trainer.model, config) is None:
-            return VectorizedEngine(trainer.model, x, y)  # the hand-written mlp: fastest
+            return VectorizedEngine(trainer.model, x, y, max_parallel=max_parallel)
         if why is None and trainer.model is not None:
             from fedlearn.sim.functional import FunctionalEngine, functional_unsupported_reason
             from fedlearn.training import per_sample_loss
 
             loss = per_sample_loss(task)
-            why = functional_unsupported_reason(trainer.model, config, x=x[:4], y=y[:4],
-                                                loss=loss)
+            xd, yd = x.to(trainer.device), y.to(trainer.device)
+            why = functional_unsupported_reason(trainer.model, config, x=xd[:4], y=yd[:4],
+                                                loss=loss, precision=precision)
             if why is None:
-                return FunctionalEngine(trainer.model, x, y, loss=loss, log=log)
+                return FunctionalEngine(trainer.model, xd, yd, loss=loss,
+                                        max_parallel=max_parallel, precision=precision,
+                                        log=log)
         log(f"note: the vectorized engine cannot run this ({why}); using the sequential engine.")
     return SequentialEngine(trainer, x, y)
 
 
-def _vectorized_reason(task: Task, trainer: Any, config: TrainConfig) -> str | None:
-    """Why the stacked engines cannot train ``task`` here (None when they can try)."""
+def check_precision(precision: str) -> None:
+    """Raise ConfigError unless ``precision`` is one the engines know."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown --precision {precision!r}; choose one of "
+                          f"{', '.join(PRECISIONS)}.")
+
+
+def _vectorized_reason(task: Task, trainer: Any) -> str | None:
+    """Why the stacked engines cannot train ``task`` (None when they can try)."""
     if task.train is not None or task.optimizer is not None:
         return "the task trains with its own function or optimizer"
     if trainer.model is None:
         return "the task has no torch model"
     if task.loss_name is None:
         return "the task's loss is its own function"
-    convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in trainer.model.modules())
-    if convs and trainer.device == "cpu":
-        # Measured here: stacked convolutions ran 0.8x as fast as one client after another
-        # on a 2-core CPU (benchmarks/vectorized_probe.py); they pay off on a GPU.
-        return "on the CPU its stacked convolutions are slower than one client after another"
+    if trainer.dp_sgd is not None:
+        return "DP-SGD trains through Opacus, one client at a time"
     return None
 
 
@@ -235,7 +274,11 @@ class Simulation:
             initial_state(task, config.seed))
         self.strategy = make_strategy(config.strategy, server_lr=config.server_lr)
         self.test_shards: dict[str, Shard] = {}
+        #: The largest DP-SGD ε any client has spent so far (0 without --dp-sgd).
+        self.dp_sgd_epsilon = 0.0
         self.contexts = self._contexts()
+        self.attackers = Attackers.of(config.attack, config.attackers or 0.0, self.ids,
+                                      config.seed, task)
         if task.script is not None:
             self.engine: Engine = ScriptEngine(task, self.contexts, seed=config.seed,
                                                device=device)
@@ -243,7 +286,8 @@ class Simulation:
         else:
             parts = [self._load(i) for i in range(config.clients)]
             xs = np.concatenate([p.train.x for p in parts])
-            ys = np.concatenate([p.train.y for p in parts])
+            ys = np.concatenate([self.attackers.labels(cid, p.train.y)
+                                 for cid, p in zip(self.ids, parts, strict=True)])
             ends = np.cumsum([len(p.train) for p in parts])
             self.rows = {cid: np.arange(end - len(p.train), end, dtype=np.int64)
                          for cid, p, end in zip(self.ids, parts, ends, strict=True)}
@@ -252,7 +296,11 @@ class Simulation:
                     self.test_shards[cid] = Shard.of(p.test)
             pool = Shard.from_numpy(xs, ys)
             self.engine = make_engine(config.engine, task, pool.x, pool.y, config.train,
-                                      seed=config.seed, device=device, log=log)
+                                      seed=config.seed, device=device,
+                                      max_parallel=config.max_parallel,
+                                      precision=config.precision,
+                                      dp_sgd=parse_dp_sgd(config.dp_sgd, config.dp_delta),
+                                      log=log)
         evaluable = task.model is not None or task.evaluate is not None
         self.evaluator = Trainer(task, seed=config.seed, device=device) if evaluable else None
         test = server_test_data(task) if evaluable else None
@@ -301,11 +349,20 @@ class Simulation:
         t1 = time.perf_counter()
         updates = self.engine.train_round(self.state.weights, tasks, self.train_config)
         train_seconds = time.perf_counter() - t1
+        if self.attackers.active:
+            seeds = {t.client_id: t.seed for t in tasks}
+            updates = [replace(u, delta=self.attackers.delta(u.client_id, u.delta,
+                                                             seeds[u.client_id]))
+                       for u in updates]
         self.state = self.strategy.apply(self.state, aggregate(updates))
         record: dict[str, Any] = {"round": rnd}
         if self.test is not None and self.evaluator is not None:
             record.update(self.evaluator.evaluate(self.state.weights, self.test).metrics)
         record.update(self._federated_eval(rnd))
+        spent = [u.metrics["dp_epsilon"] for u in updates if "dp_epsilon" in u.metrics]
+        if spent:
+            self.dp_sgd_epsilon = max(self.dp_sgd_epsilon, *spent)
+            record["dp_sgd_epsilon_max"] = self.dp_sgd_epsilon
         record.update({
             "seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
@@ -375,6 +432,7 @@ def run_simulation(
         return run_virtual(config, task, run, on_round=on_round, log=log, device=device)
     started = time.perf_counter()
     sim = Simulation(config, task, device=device, log=log)
+    announce_attackers(sim, run, log)
     history: list[dict[str, Any]] = []
     try:
         for rnd in range(1, config.rounds + 1):
@@ -386,6 +444,14 @@ def run_simulation(
     finally:
         sim.close()
     return _finish(run, config, task, sim.engine.name, sim.weights, history, started)
+
+
+def announce_attackers(sim: Simulation, run: RunDir, log: Callable[[str], None]) -> None:
+    """Write ``attackers.json`` and say who attacks, when the run has attackers."""
+    if sim.attackers.attack is not None:
+        run.write_attackers(sim.attackers.record())
+        log(f"attack {sim.attackers.attack}: {len(sim.attackers.ids)} of {sim.config.clients} "
+            f"clients attack (listed in {run.path / 'attackers.json'})")
 
 
 def _finish(

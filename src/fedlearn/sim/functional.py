@@ -50,6 +50,7 @@ from fedlearn.sim.stacked import (
     state_bytes,
 )
 from fedlearn.sim.vectorized import make_schedule
+from fedlearn.training import autocast
 from fedlearn.types import Weights
 from fedlearn.weights import subtract
 
@@ -77,7 +78,9 @@ class FunctionalEngine:
     client), on the device training runs on. ``loss(outputs, targets)`` gives
     one loss per row; a client's loss is their mean over its batch.
     ``max_parallel`` caps how many clients are stacked at once (default: as
-    many as half the free memory holds, said once through ``log``).
+    many as half the free memory holds, said once through ``log``); the
+    clients of a round train in chunks of at most that many. ``precision``
+    ``bf16`` runs each forward pass under bfloat16 autocast.
     """
 
     name = "vectorized"
@@ -90,9 +93,11 @@ class FunctionalEngine:
         *,
         loss: Loss | None = None,
         max_parallel: int | None = None,
+        precision: str = "fp32",
         log: Callable[[str], None] = print,
     ) -> None:
         self.x = x
+        self.precision = precision
         self.y = y
         self.device = x.device
         self.model = copy.deepcopy(model).to(self.device).train()
@@ -120,8 +125,9 @@ class FunctionalEngine:
 
         With padding, ``weight`` is 1/(real rows) for real rows and 0 for padding.
         """
-        out = functional_call(self.model, (params, buffers, frozen), (xb,))
-        per_row = self.loss(out, yb)
+        with autocast(str(self.device), self.precision):
+            out = functional_call(self.model, (params, buffers, frozen), (xb,))
+            per_row = self.loss(out, yb).float()
         if self.pad:
             value = torch.sum(per_row * weight)
         else:
@@ -270,7 +276,7 @@ def can_pad(model: nn.Module, x: Tensor, y: Tensor, loss: Loss) -> bool:
 
 def functional_unsupported_reason(
     model: nn.Module, config: TrainConfig, *, x: Tensor | None = None, y: Tensor | None = None,
-    loss: Loss | None = None,
+    loss: Loss | None = None, precision: str = "fp32",
 ) -> str | None:
     """Why :class:`FunctionalEngine` cannot train ``model`` with ``config`` (None if it can).
 
@@ -295,7 +301,7 @@ def functional_unsupported_reason(
                        extra=dict(config.extra))
     try:
         engine = FunctionalEngine(model, x[:n], y[:n], loss=loss, max_parallel=2,
-                                  log=lambda _: None)
+                                  precision=precision, log=lambda _: None)
         engine.train_round(get_weights(model), clients, tiny)
     except Exception as exc:  # any failure means: train this model another way
         return _reason(exc)

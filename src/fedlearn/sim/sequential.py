@@ -21,6 +21,7 @@ from fedlearn.types import EvalResult, Weights
 
 if TYPE_CHECKING:
     from fedlearn.client.local import LocalClient
+    from fedlearn.privacy.dpsgd import DPLedger
     from fedlearn.training import Trainer
 
 
@@ -39,6 +40,8 @@ class SequentialEngine:
         self.trainer = trainer
         self.x = x
         self.y = y
+        #: Each virtual client's DP-SGD ledger (with --dp-sgd), kept across rounds.
+        self.ledgers: dict[str, DPLedger] = {}
 
     def train_round(
         self, weights: Weights, clients: list[ClientTask], config: TrainConfig
@@ -49,8 +52,14 @@ class SequentialEngine:
         out = []
         for task in clients:
             shard = Shard(self.x, self.y, task.indices)
-            result = self.trainer.fit(weights, shard, config, seed=task.seed)
-            out.append(ClientUpdate(task.client_id, result.delta, result.num_examples))
+            ledger = None
+            if self.trainer.dp_sgd is not None:
+                from fedlearn.privacy.dpsgd import DPLedger
+
+                ledger = self.ledgers.setdefault(task.client_id, DPLedger())
+            result = self.trainer.fit(weights, shard, config, seed=task.seed, ledger=ledger)
+            out.append(ClientUpdate(task.client_id, result.delta, result.num_examples,
+                                    result.metrics))
         return out
 
 

@@ -114,15 +114,36 @@ class VectorizedEngine:
 
     name = "vectorized"
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                 max_parallel: int | None = None) -> None:
         self.x = x.reshape(x.shape[0], -1)
         self.y = y
+        self.max_parallel = max_parallel
         self.buffers = Buffers()
 
     def train_round(
         self, weights: Weights, clients: list[ClientTask], config: TrainConfig
     ) -> list[ClientUpdate]:
-        """Train every client in ``clients`` from ``weights``, all at once."""
+        """Train every client in ``clients`` from ``weights``: all at once, or in chunks.
+
+        Chunks of at most ``max_parallel`` clients take them by descending step
+        count, so each chunk's clients finish close together.
+        """
+        size = self.max_parallel or len(clients)
+        if size >= len(clients):
+            return self._train_chunk(weights, clients, config)
+        steps = [-(-len(c.indices) // config.batch_size) for c in clients]
+        order = sorted(range(len(clients)), key=lambda i: -steps[i])
+        out: dict[int, ClientUpdate] = {}
+        for lo in range(0, len(order), size):
+            chunk = order[lo : lo + size]
+            got = self._train_chunk(weights, [clients[i] for i in chunk], config)
+            out.update(zip(chunk, got, strict=True))
+        return [out[i] for i in range(len(clients))]
+
+    def _train_chunk(
+        self, weights: Weights, clients: list[ClientTask], config: TrainConfig
+    ) -> list[ClientUpdate]:
         plan = make_schedule(clients, config.batch_size, config.epochs)
         k = len(clients)
         start = [torch.from_numpy(np.array(weights[n], dtype=np.float32)) for n in PARAMS]

@@ -21,6 +21,9 @@ weights, rows and seed, so tasks are trained when their completion comes up,
 all the tasks that started from the same version in one engine call (the C
 first tasks; the ones between two ``fedbuff`` flushes).
 
+Attackers (``--attack``) poison their deltas before the merge and DP-SGD
+clients' largest ε is recorded, as in sync rounds.
+
 The run stops after ``--updates`` merged updates or at ``--max-virtual-time``
 (whichever comes first); held-back ``fedbuff`` updates are then applied and
 the last model evaluated. Every ``--eval-every`` merged updates the model is
@@ -32,7 +35,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -42,7 +45,7 @@ from fedlearn.seeding import derive_seed, rng_for
 from fedlearn.sim.base import ClientTask, ClientUpdate
 from fedlearn.sim.clock import EventQueue
 from fedlearn.sim.deadline import ClientClock, TimedSimulation, require_rows
-from fedlearn.sim.engine import SimConfig, Simulation, _finish
+from fedlearn.sim.engine import SimConfig, Simulation, _finish, announce_attackers
 from fedlearn.strategies.async_policies import AsyncState, make_policy
 from fedlearn.tasks.base import Task
 from fedlearn.types import Weights
@@ -91,6 +94,7 @@ class AsyncSimulation:
         self.staleness: list[int] = []
         self.refused = 0
         self.train_seconds = 0.0
+        self.dp_sgd_epsilon = 0.0
         self.history: list[dict[str, Any]] = []
         self._queue: EventQueue[Flight] = EventQueue()
         self._busy = np.zeros(config.clients, dtype=bool)
@@ -126,8 +130,12 @@ class AsyncSimulation:
             t0 = time.perf_counter()
             updates = self.sim.engine.train_round(weights, tasks, self.sim.train_config)
             self.train_seconds += time.perf_counter() - t0
+            attackers = self.sim.attackers
             for f, u in zip(group, updates, strict=True):
+                if attackers.active:
+                    u = replace(u, delta=attackers.delta(f.client_id, u.delta, f.seed))
                 self._results[f.number] = u
+                self.dp_sgd_epsilon = max(self.dp_sgd_epsilon, u.metrics.get("dp_epsilon", 0.0))
         return self._results.pop(flight.number)
 
     # -- the loop ---------------------------------------------------------------
@@ -181,6 +189,8 @@ class AsyncSimulation:
         if sim.test is not None and sim.evaluator is not None:
             record.update(sim.evaluator.evaluate(state.weights, sim.test).metrics)
         record.update(sim.federated_eval(state.updates, state.weights))
+        if self.dp_sgd_epsilon > 0:
+            record["dp_sgd_epsilon_max"] = self.dp_sgd_epsilon
         recent = self._since_eval
         record.update({
             "staleness_mean": float(np.mean(recent)) if recent else 0.0,
@@ -228,6 +238,7 @@ def _run_async(config: SimConfig, task: Task, run: RunDir, on_round: Hook | None
                log: Callable[[str], None], device: str) -> dict[str, Any]:
     started = time.perf_counter()
     asim = AsyncSimulation(config, task, device=device, log=log)
+    announce_attackers(asim.sim, run, log)
 
     def on_record(record: dict[str, Any]) -> None:
         run.append_metrics(record)
@@ -265,6 +276,7 @@ def _run_sync(config: SimConfig, task: Task, run: RunDir, on_round: Hook | None,
               log: Callable[[str], None], device: str) -> dict[str, Any]:
     started = time.perf_counter()
     sim = TimedSimulation(config, task, device=device, log=log)
+    announce_attackers(sim, run, log)
     history: list[dict[str, Any]] = []
     limit = config.max_virtual_time
     try:
