@@ -15,7 +15,7 @@ Printed: test accuracy at fifths of the budget (the last model evaluated by
 then), virtual time to reach the plain sync run's final accuracy, updates
 or rounds done, stragglers dropped, mean staleness, and wall seconds.
 
-    python benchmarks/w4_sim.py                       # the full workload (a few minutes)
+    python benchmarks/w4_sim.py                       # the full workload (under a minute here)
     python benchmarks/w4_sim.py --budget 60           # a quick look
     python benchmarks/w4_sim.py --policies samples fedasync fedbuff:10 --concurrency 20
 """
@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("--partition", default="iid")
     parser.add_argument("--eval-every", type=int, default=25,
                         help="async: evaluate every N merged updates")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (one: tasks of 60 rows are too small to split)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -131,6 +132,7 @@ def main() -> None:
         "clients": args.clients, "concurrency": args.concurrency, "speeds": args.speeds,
         "budget_virtual_seconds": args.budget, "round_timeout": args.timeout,
         "partition": args.partition, "seed": args.seed, "sync_final_accuracy": target,
+        "threads": args.threads,
         "marks_virtual_seconds": marks,
         "accuracy_at_marks": {n: [accuracy_at(r, t) for t in marks]
                               for n, (_, r, _) in runs.items()},
