@@ -72,7 +72,7 @@ def simulated(rounds: int) -> dict[str, float]:
     import torch
 
     from fedlearn.config import TrainConfig
-    from fedlearn.sim.engine import SimConfig, Simulation
+    from fedlearn.sim import SimConfig, Simulation
     from fedlearn.tasks import builtin_task
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -31,6 +31,8 @@ _WHERE = {
     "builtin_task": "fedlearn.tasks.builtin",
     "array_task": "fedlearn.tasks.builtin",
     "TrainConfig": "fedlearn.config",
+    "Strategy": "fedlearn.strategies",
+    "parse_strategy": "fedlearn.strategies",
     "History": "fedlearn.api",
     "simulate": "fedlearn.api",
     "serve": "fedlearn.api",

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedlearn.config import ServerConfig, TrainConfig
+from fedlearn.config import ServerConfig, TrainConfig, build_strategy, strategy_settings
+from fedlearn.strategies import Strategy
 from fedlearn.tasks.base import Task
 from fedlearn.types import Weights
 
@@ -80,11 +81,11 @@ def simulate(
     partition: str = "iid", engine: str = "sequential", data: str | Path | None = None,
     label: str | None = None, test_fraction: float = 0.0,
     config: Mapping[str, Any] | TrainConfig | None = None, seed: int = 0, eval_every: int = 1,
-    eval_fraction: float | None = None, strategy: str = "fedavg", server_lr: float = 1.0,
+    eval_fraction: float | None = None, strategy: str | Strategy = "fedavg",
     out: str | Path | None = None, device: str = "cpu", max_parallel: int | None = None,
     precision: str = "fp32", attack: str | None = None, attackers: float | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
-    log: Callable[[str], None] = lambda line: None, **settings: Any,
+    log: Callable[[str], None] = lambda line: None, **options: Any,
 ) -> History:
     """Simulate ``clients`` clients of ``task`` in this process (``fedlearn sim``).
 
@@ -93,26 +94,44 @@ def simulate(
     ``max_parallel`` and ``precision`` are ``fedlearn sim``'s flags of those names.
     ``attack`` (``"sign-flip"``, ``"scale:F"``, ``"gaussian:SIGMA"``, ``"label-flip"``,
     ``"same-value:V"``) makes an ``attackers`` share of the clients (default 0.2)
-    malicious, for robustness evaluation. ``settings`` are the simulated-time fields
-    of :class:`~fedlearn.sim.SimConfig` (``mode``, ``async_policy``, ``client_speeds``,
-    ``round_timeout``, ``updates``, ``concurrency``, ``max_virtual_time``, ...).
+    malicious, for robustness evaluation.
+    ``strategy`` is a spec (``"trimmed-mean:0.2+fedadam"``) tuned by
+    ``options`` (``server_lr``, ``server_momentum``, ``beta1``, ``beta2``,
+    ``tau``, ``prox_mu``, ``clip_norm``), or a
+    :class:`~fedlearn.strategies.Strategy` object (your own, see the README).
+    The other ``options`` run in simulated time: ``mode`` ("async"),
+    ``async_policy``, ``client_speeds``, ``round_timeout``, ``updates``,
+    ``concurrency``, ``max_virtual_time``, ... (the fields of
+    :class:`~fedlearn.sim.SimConfig` that ``fedlearn sim``'s flags of those names set).
     """
+    from fedlearn.config import STRATEGY_OPTIONS
+    from fedlearn.errors import ConfigError
     from fedlearn.runs import RunDir
     from fedlearn.sim import SimConfig, config_record, run_simulation
+    from fedlearn.sim.modes import TIME_OPTIONS
     from fedlearn.training import resolve_device
 
+    unknown = sorted(set(options) - set(STRATEGY_OPTIONS) - set(TIME_OPTIONS))
+    if unknown:
+        raise ConfigError(f"simulate() got unknown option(s) {', '.join(unknown)}; the "
+                          f"strategy options are {', '.join(STRATEGY_OPTIONS)} and the "
+                          f"simulated-time ones {', '.join(TIME_OPTIONS)}.")
     the_task = _task(task)
+    settings = _strategy_settings(
+        strategy, {k: v for k, v in options.items() if k in STRATEGY_OPTIONS})
+    settings.update({k: v for k, v in options.items() if k in TIME_OPTIONS})
     sim = SimConfig(
         clients=clients, per_round=per_round or clients, partition=partition, rounds=rounds,
         engine=engine, task=the_task.name, data=None if data is None else str(data),
         label=label, test_fraction=test_fraction, eval_every=eval_every,
-        eval_fraction=eval_fraction, strategy=strategy, server_lr=server_lr, seed=seed,
-        max_parallel=max_parallel, precision=precision, attack=attack or "",
-        attackers=attackers, train=_train_config(the_task, config), **settings,
+        eval_fraction=eval_fraction, seed=seed, max_parallel=max_parallel,
+        precision=precision, attack=attack or "", attackers=attackers,
+        train=_train_config(the_task, config), **settings,
     )
+    the_strategy = strategy if isinstance(strategy, Strategy) else build_strategy(sim)
     run = RunDir.create(_out(out, "sim"), config_record(sim))
     summary = run_simulation(sim, the_task, run, on_round=on_round, log=log,
-                             device=resolve_device(device))
+                             device=resolve_device(device), strategy=the_strategy)
     history = _history(run.path)
     return dataclasses.replace(history, summary=summary)
 
@@ -122,14 +141,17 @@ def serve(
     port: int = 8080, out: str | Path | None = None,
     config: Mapping[str, Any] | TrainConfig | None = None, token: str | None = None,
     ready: Callable[[str, str], None] | None = None, device: str = "cpu",
-    announce: Callable[[str], None] = lambda line: None, **settings: Any,
+    announce: Callable[[str], None] = lambda line: None, strategy: str | Strategy = "fedavg",
+    **settings: Any,
 ) -> History:
     """Serve a federated run of ``task`` until it ends (``fedlearn server``).
 
     ``settings`` are any other :class:`~fedlearn.config.ServerConfig` fields
-    (``mode``, ``fraction``, ``round_timeout``, ``eval_every``, ...); ``config``
-    is the training config sent to clients; ``ready(url, join_token)`` is
-    called once the server listens (``port=0`` picks a free port).
+    (``mode``, ``fraction``, ``round_timeout``, ``eval_every``, ``server_lr``,
+    ``prox_mu``, ...); ``config`` is the training config sent to clients;
+    ``strategy`` a spec or a :class:`~fedlearn.strategies.Strategy` object;
+    ``ready(url, join_token)`` is called once the server listens (``port=0``
+    picks a free port).
     """
     from fedlearn.server.runner import ServeOptions, prepare_run
     from fedlearn.server.runner import serve as serve_run
@@ -137,7 +159,7 @@ def serve(
     the_task = _task(task)
     client = _train_config(the_task, config).as_dict()
     server_config = ServerConfig(rounds=rounds, min_clients=min_clients, client=client,
-                                 task=the_task.name, **settings)
+                                 task=the_task.name, **_strategy_settings(strategy, settings))
     run, cfg, resumed = prepare_run(server_config, _out(out, "server"), None)
     token_file = None
     if token is not None:
@@ -146,10 +168,26 @@ def serve(
         token_file.chmod(0o600)
     options = ServeOptions(host=host, port=port, token_file=token_file)
     serve_run(run, cfg, options, task=the_task, resumed=resumed, announce=announce,
-              ready=ready, device=device)
+              ready=ready, device=device,
+              strategy=strategy if isinstance(strategy, Strategy) else None)
     if token_file is not None:
         token_file.unlink(missing_ok=True)
     return _history(run.path)
+
+
+def _strategy_settings(strategy: str | Strategy, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The run settings for ``strategy``: a spec with its ``options``, or how an object is
+    recorded (its own options then; passing more is an error)."""
+    if isinstance(strategy, str):
+        return {**options, "strategy": strategy}
+    from fedlearn.config import STRATEGY_OPTIONS
+    from fedlearn.errors import ConfigError
+
+    tuned = sorted(set(options) & set(STRATEGY_OPTIONS))
+    if tuned:
+        raise ConfigError(f"{', '.join(tuned)} tune a strategy spec; a Strategy object "
+                          "carries its own settings, so set them on the object.")
+    return {**options, **strategy_settings(strategy)}
 
 
 def run_client(

@@ -13,13 +13,22 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedlearn.errors import ConfigError
 
+if TYPE_CHECKING:
+    from fedlearn.strategies import Strategy
+
 OPTIMIZERS = ("sgd", "adam")
 MODES = ("sync", "async")
-STRATEGIES = ("fedavg",)
+#: The run settings that tune a strategy spec (None: the strategy's default).
+STRATEGY_OPTIONS = ("server_lr", "server_momentum", "beta1", "beta2", "tau", "prox_mu",
+                    "clip_norm")
+#: How config.toml records a strategy given as a Python object no spec describes.
+OBJECT_PREFIX = "object:"
+#: Client config keys a strategy sets (from its own flags, never from [client]).
+STRATEGY_KEYS = ("prox_mu", "scaffold")
 
 T = TypeVar("T")
 
@@ -65,6 +74,20 @@ class TrainConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}.")
         if self.weight_decay < 0:
             raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}.")
+        mu = self.extra.get("prox_mu", 0.0)
+        if isinstance(mu, bool) or not isinstance(mu, int | float) or not (
+                math.isfinite(mu) and mu >= 0):
+            raise ConfigError(f"prox_mu must be a number 0 or more, got {mu!r}.")
+
+    @property
+    def prox_mu(self) -> float:
+        """FedProx's ``mu`` (0: no proximal term), from the strategy's round config."""
+        return float(self.extra.get("prox_mu", 0.0))
+
+    @property
+    def scaffold(self) -> bool:
+        """Whether the round asks for SCAFFOLD's corrected local training."""
+        return bool(self.extra.get("scaffold", False))
 
     def as_dict(self) -> dict[str, Any]:
         """Every setting as one flat mapping (what travels to clients in a task)."""
@@ -184,7 +207,13 @@ class ServerConfig:
     min_results: int = 1
     round_timeout: float = 600.0
     strategy: str = "fedavg"
-    server_lr: float = 1.0
+    server_lr: float | None = None
+    server_momentum: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    tau: float | None = None
+    prox_mu: float | None = None
+    clip_norm: float | None = None
     seed: int = 0
     save_every: int = 1
     max_update_mb: float | None = None
@@ -216,12 +245,7 @@ class ServerConfig:
             raise ConfigError(f"--round-timeout must be positive, got {self.round_timeout}.")
         if self.save_every < 1:
             raise ConfigError(f"--save-every must be at least 1, got {self.save_every}.")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(
-                f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}."
-            )
-        if not self.server_lr > 0:
-            raise ConfigError(f"--server-lr must be positive, got {self.server_lr}.")
+        check_strategy(self)
         if self.max_update_mb is not None and not self.max_update_mb > 0:
             raise ConfigError(f"max_update_mb must be positive, got {self.max_update_mb}.")
         if self.max_update_norm is not None and not (
@@ -235,6 +259,10 @@ class ServerConfig:
         if self.eval_fraction is not None and not 0 < self.eval_fraction <= 1:
             raise ConfigError(f"--eval-fraction must be in (0, 1], got {self.eval_fraction}.")
         TrainConfig.from_dict(self.client, where="[client]")
+        taken = sorted(set(STRATEGY_KEYS) & set(self.client))
+        if taken:
+            raise ConfigError(f"{', '.join(taken)} in [client] is set by the strategy; use "
+                              "--strategy fedprox --prox-mu MU (prox_mu under [server]).")
         if self.mode not in MODES:
             raise ConfigError(f"unknown --mode {self.mode!r}; choose sync or async.")
         if self.eval_every < 1:
@@ -253,6 +281,13 @@ class ServerConfig:
     def _check_async(self) -> None:
         from fedlearn.strategies.async_policies import make_policy
 
+        tuned = [o for o in STRATEGY_OPTIONS
+                 if o != "server_lr" and getattr(self, o) is not None]
+        if self.strategy != "fedavg" or tuned:
+            given = ", ".join([f"--strategy {self.strategy}"] * (self.strategy != "fedavg")
+                              + ["--" + o.replace("_", "-") for o in tuned])
+            raise ConfigError(f"{given} applies to --mode sync; async runs merge with "
+                              "--async-policy.")
         if self.max_updates is None and self.max_seconds is None:
             raise ConfigError("--mode async needs a stop rule; pass --max-updates N or "
                               "--max-seconds S.")
@@ -265,7 +300,12 @@ class ServerConfig:
         if self.max_staleness is not None and self.max_staleness < 0:
             raise ConfigError(f"--max-staleness must be 0 or more, got {self.max_staleness}.")
         make_policy(self.async_policy, alpha=self.async_alpha, staleness_fn=self.staleness_fn,
-                    server_lr=self.server_lr)
+                    server_lr=self.async_server_lr)
+
+    @property
+    def async_server_lr(self) -> float:
+        """The server learning rate of the async fedbuff policy (default 1)."""
+        return 1.0 if self.server_lr is None else self.server_lr
 
     def train_config(self, task_defaults: Mapping[str, Any] | None = None) -> TrainConfig:
         """The round config clients get: defaults < the task's ``config`` < ``[client]``."""
@@ -289,3 +329,43 @@ class ServerConfig:
         if self.max_update_mb is not None:
             return int(self.max_update_mb * 1024 * 1024)
         return int(model_bytes * 1.25) + 64 * 1024
+
+
+def build_strategy(config: Any) -> Strategy:
+    """The :class:`~fedlearn.strategies.Strategy` a run's settings name.
+
+    ``config`` is a :class:`ServerConfig` or a simulator config: its
+    ``strategy`` spec and the :data:`STRATEGY_OPTIONS`. Raises ConfigError for a
+    bad spec, and for a strategy that was given as a Python object (it cannot
+    be rebuilt from the settings).
+    """
+    from fedlearn.strategies import parse_strategy
+
+    spec = str(config.strategy)
+    if spec.startswith(OBJECT_PREFIX):
+        raise ConfigError(f"the strategy {spec[len(OBJECT_PREFIX):]!r} of this run was a "
+                          "Python object; pass it again through the Python API "
+                          "(strategy=...), as it cannot be rebuilt from config.toml.")
+    return parse_strategy(spec, **{k: getattr(config, k) for k in STRATEGY_OPTIONS})
+
+
+def check_strategy(config: Any) -> None:
+    """Raise ConfigError unless ``config``'s strategy spec and options make a strategy."""
+    if not str(config.strategy).startswith(OBJECT_PREFIX):
+        build_strategy(config)
+
+
+def strategy_settings(strategy: str | Strategy) -> dict[str, Any]:
+    """Run settings (``strategy`` and options) that record ``strategy``.
+
+    A spec is kept as it is; an object is recorded as its spec and options when
+    one describes it, else as ``object:NAME``.
+    """
+    if isinstance(strategy, str):
+        return {"strategy": strategy}
+    from fedlearn.strategies import spec_options
+
+    options = spec_options(strategy)
+    if options is None:
+        return {"strategy": OBJECT_PREFIX + strategy.name}
+    return {"strategy": strategy.name, **options}

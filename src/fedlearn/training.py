@@ -11,9 +11,10 @@ loop; everything else (deltas, example counts, metrics) is the same.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from fedlearn.config import TrainConfig
 from fedlearn.errors import ConfigError, ModelError
 from fedlearn.metrics import BY_NAME
 from fedlearn.models import get_weights, set_weights
+from fedlearn.strategies.scaffold import DELTA_C, control_update, correction
 from fedlearn.tasks.base import (
     Data,
     EvalContext,
@@ -34,7 +36,7 @@ from fedlearn.tasks.base import (
     TrainResult,
     user_call,
 )
-from fedlearn.types import ClientResult, EvalResult, Weights
+from fedlearn.types import ClientResult, ControlVariates, EvalResult, Weights
 from fedlearn.weights import check, spec_of, subtract
 
 if TYPE_CHECKING:
@@ -213,17 +215,27 @@ def train_epochs(
     slowdown: float = 1.0,
     device: str = "cpu",
     precision: str = "fp32",
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[float, float]:
     """Train ``model`` in place for ``config.epochs`` epochs of mini-batches.
 
     Returns (mean loss, accuracy) over the last epoch's training batches
-    (accuracy NaN unless ``classification``). ``slowdown`` > 1 stretches wall
-    time by that factor (benchmarks only). ``precision`` ``bf16`` runs the
-    forward pass and loss under bfloat16 autocast (weights stay float32).
+    (accuracy NaN unless ``classification``; the loss is the task's, without
+    the proximal term). With ``config.prox_mu`` > 0 each step minimises the
+    loss plus FedProx's ``mu/2 ||w - w_start||^2`` over the trainable
+    parameters (Li et al. 2020). ``correction`` (parameter name -> tensor) is
+    added to each gradient before the step: SCAFFOLD's ``c - c_i``
+    (Karimireddy et al. 2020). ``slowdown`` > 1 stretches wall time by that
+    factor (benchmarks only). ``precision`` ``bf16`` runs the forward pass and
+    loss under bfloat16 autocast (weights stay float32).
     """
     opt = optimizer if optimizer is not None else make_optimizer(model, config)
     loss_fn = loss if loss is not None else LOSSES["cross_entropy"]
     fused = loss is None or loss is LOSSES["cross_entropy"]
+    mu = config.prox_mu
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for _, p in trainable] if mu > 0 else []
+    corrected = [(p, correction[n]) for n, p in trainable] if correction is not None else []
     rows = data.rows()
     n = len(rows)
     model.train()
@@ -242,7 +254,17 @@ def train_epochs(
                 out = model(xb)
                 value = (nn.functional.cross_entropy(out, yb) if fused
                          else mean_loss(loss_fn, out, yb))
-            value.backward()  # type: ignore[no-untyped-call]
+            objective = value
+            if anchor:
+                objective = value + mu / 2 * sum(
+                    torch.sum(torch.square(p - a)) for (_, p), a in zip(trainable, anchor,
+                                                                          strict=True))
+            objective.backward()  # type: ignore[no-untyped-call]
+            for p, c in corrected:
+                if p.grad is None:
+                    p.grad = c.clone()
+                else:
+                    p.grad.add_(c)
             opt.step()
             with torch.no_grad():
                 total_loss += value.detach().cpu() * len(idx)
@@ -289,18 +311,28 @@ class Trainer:
 
     def fit(
         self, weights: Weights, data: Shard, config: TrainConfig, *, seed: int,
-        base_version: int = 0, slowdown: float = 1.0, ledger: DPLedger | None = None,
+        base_version: int = 0, slowdown: float = 1.0, control: ControlVariates | None = None,
+        ledger: DPLedger | None = None,
     ) -> ClientResult:
         """Train from ``weights`` on ``data``; the delta, example count and metrics.
 
         A fresh optimizer is made for each call (as in FedAvg); ``seed`` fixes the
-        data order. With DP-SGD the run is added to ``ledger`` (default: this
-        trainer's own) and the metrics carry the client's ε and δ so far.
+        data order. With ``control`` (SCAFFOLD) each gradient gets ``c - c_i``
+        and the result carries ``extra["delta_c"]`` (sent) and the client's new
+        ``control`` (kept): option II of Karimireddy et al. 2020, with K the
+        steps taken and the config's learning rate. With DP-SGD the run is
+        added to ``ledger`` (default: this trainer's own) and the metrics carry
+        the client's ε and δ so far.
         """
         started = time.perf_counter()
         self._load(weights)
         metrics: dict[str, float] = {}
         num = len(data)
+        if control is not None and (self.task.train is not None or self.model is None
+                                    or self.dp_sgd is not None):
+            raise ConfigError(f"task {self.task.name!r} trains with its own function or with "
+                              "DP-SGD, so it cannot take SCAFFOLD's corrected steps; choose "
+                              "another --strategy.")
         if self.dp_sgd is not None:
             new, metrics = self._private_fit(data, config, seed, ledger)
         elif self.task.train is not None:
@@ -313,14 +345,30 @@ class Trainer:
                 optimizer=make_optimizer(self.model, config, self.task), loss=self.loss,
                 classification=self.task.kind == "classification", slowdown=slowdown,
                 device=self.device, precision=self.precision,
+                correction=None if control is None else self._correction(control),
             )
             metrics = {"train_loss": loss}
             if self.task.kind == "classification" and not np.isnan(acc):
                 metrics["train_accuracy"] = acc
             new = get_weights(self.model)
+        extra: dict[str, Weights] = {}
+        kept = None
+        if control is not None:
+            steps = config.epochs * math.ceil(num / config.batch_size)
+            kept, extra[DELTA_C] = control_update(control.client, control.server, weights,
+                                                  new, steps=max(1, steps), lr=config.lr)
         metrics["seconds"] = time.perf_counter() - started
         return ClientResult(delta=subtract(new, weights), num_examples=num,
-                            base_version=base_version, metrics=metrics)
+                            base_version=base_version, metrics=metrics, extra=extra,
+                            control=kept)
+
+    def _correction(self, control: ControlVariates) -> dict[str, torch.Tensor]:
+        """SCAFFOLD's ``c - c_i`` per trainable parameter, on the training device."""
+        if self.model is None:  # pragma: no cover - fit checks
+            raise ConfigError("no model")
+        diff = correction(control.server, control.client)
+        return {n: torch.from_numpy(diff[n]).to(self.device)
+                for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _private_fit(self, data: Shard, config: TrainConfig, seed: int,
                      ledger: DPLedger | None) -> tuple[Weights, dict[str, float]]:

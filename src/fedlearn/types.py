@@ -19,12 +19,30 @@ class ClientResult:
     ``delta`` is the client's weights minus the weights it started from,
     ``num_examples`` the number of examples it trained on (one pass counts each
     example once), ``base_version`` the round or model version it started from.
+    ``extra`` holds further named deltas sent with ``delta`` (SCAFFOLD:
+    ``{"delta_c": ...}``); ``control`` is SCAFFOLD's new client control
+    variate, which the client keeps (never sent).
     """
 
     delta: Weights
     num_examples: int
     base_version: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Weights] = field(default_factory=dict)
+    control: Weights | None = None
+
+
+@dataclass(frozen=True)
+class ControlVariates:
+    """SCAFFOLD's two control variates for one client's local training.
+
+    ``server`` is the server's ``c`` (sent with the task), ``client`` the
+    client's own ``c_i`` (kept by the client; zeros before its first round).
+    Both cover the model's float arrays.
+    """
+
+    server: Weights
+    client: Weights
 
 
 @dataclass(frozen=True)

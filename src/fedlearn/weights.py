@@ -114,10 +114,67 @@ def spec_of(w: Weights) -> dict[str, TensorSpec]:
     return {k: TensorSpec(tuple(int(d) for d in v.shape), str(v.dtype)) for k, v in w.items()}
 
 
-def encode(w: Weights) -> bytes:
-    """Weights to safetensors bytes (contiguous copies; no pickle)."""
+def encode(w: Weights, metadata: Mapping[str, str] | None = None) -> bytes:
+    """Weights to safetensors bytes (contiguous copies; no pickle).
+
+    ``metadata`` (text to text) goes into the safetensors header; read it back
+    with :func:`read_metadata`.
+    """
     # np.ascontiguousarray would turn a 0-d array (a BatchNorm counter) into shape (1,).
-    return bytes(st_save({k: np.require(v, requirements="C") for k, v in w.items()}))
+    return bytes(st_save({k: np.require(v, requirements="C") for k, v in w.items()},
+                         metadata=dict(metadata) if metadata else None))
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The text metadata in the header of safetensors ``data`` (empty when there is none).
+
+    Raises :class:`PayloadError` for bytes whose header is not safetensors'.
+    """
+    import json
+
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < size <= len(data) - 8:
+        raise PayloadError("payload is not safetensors bytes (bad header length).")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (ValueError, RecursionError) as exc:
+        raise PayloadError("payload is not safetensors bytes (bad header).") from exc
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        return {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def pack(weights: Weights, extras: Mapping[str, Weights]) -> Weights:
+    """``weights`` plus each group of ``extras`` as entries named ``GROUP/NAME``.
+
+    How further named arrays travel beside a model or a delta in one safetensors
+    payload (SCAFFOLD's ``c/fc1.weight``, ``delta_c/fc1.weight``). The arrays are
+    not copied.
+    """
+    out = dict(weights)
+    for group, arrays in extras.items():
+        for name, value in arrays.items():
+            key = f"{group}/{name}"
+            if key in out:
+                raise ValueError(f"two arrays would travel as {key!r}")
+            out[key] = value
+    return out
+
+
+def unpack(arrays: Mapping[str, np.ndarray], groups: Iterable[str]) -> tuple[Weights,
+                                                                            dict[str, Weights]]:
+    """The inverse of :func:`pack` for ``groups``: (the other entries, {group: arrays})."""
+    prefixes = {f"{g}/": g for g in groups}
+    weights: Weights = {}
+    extras: dict[str, Weights] = {g: {} for g in prefixes.values()}
+    for key, value in arrays.items():
+        group = next((g for p, g in prefixes.items() if key.startswith(p)), None)
+        if group is None:
+            weights[key] = value
+        else:
+            extras[group][key[len(group) + 1 :]] = value
+    return weights, extras
 
 
 def decode(
@@ -228,6 +285,12 @@ def spec_difference(expected: Spec, got: Spec) -> str | None:
         if e.dtype != g.dtype:
             return f"{name!r} has dtype {g.dtype} on the client but {e.dtype} on the server"
     return None
+
+
+def spec_nbytes(spec: Spec) -> int:
+    """Bytes of the data of arrays shaped as ``spec`` says."""
+    return int(sum(np.dtype(s.dtype).itemsize * int(np.prod(s.shape, dtype=np.int64))
+                   for s in spec.values()))
 
 
 def nbytes(w: Weights) -> int:

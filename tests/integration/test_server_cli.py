@@ -26,7 +26,8 @@ def test_bad_flags(tmp_path: Path) -> None:
     for args, word in [
         (["--dataset", "digits", "--fraction", "1.5"], "--fraction"),
         (["--dataset", "digits", "--rounds", "0"], "--rounds"),
-        (["--dataset", "digits", "--strategy", "fedprox"], "fedprox"),
+        (["--dataset", "digits", "--strategy", "krum:x"], "krum in 'krum:x' needs F"),
+        (["--dataset", "digits", "--strategy", "fedavg", "--tau", "0.1"], "--tau applies only"),
         (["--dataset", "digits", "--model", "cifar-cnn"], "cifar-cnn"),
         (["--dataset", "digits", "--tls-cert", "x.pem"], "--tls-key"),
     ]:

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 from fastapi import FastAPI
 
-from fedlearn.config import ServerConfig, TrainConfig
+from fedlearn.config import ServerConfig, TrainConfig, build_strategy
 from fedlearn.seeding import task_seed
 from fedlearn.server.app import create_app
 from fedlearn.server.coordinator import SyncCoordinator
@@ -66,8 +66,9 @@ def build(
     settings.update(config)
     store = Store(tmp_path)
     stores.append(store)
+    cfg = ServerConfig(**settings)
     coord = SyncCoordinator(
-        ServerConfig(**settings), vec(*INITIAL_W), store=store, evaluator=evaluator
+        cfg, vec(*INITIAL_W), strategy=build_strategy(cfg), store=store, evaluator=evaluator
     )
     app = create_app(coord, join_token=TOKEN, run_id=RUN_ID, max_update_bytes=max_update_bytes,
                      on_done=on_done, allowed=allowed)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedlearn.config import ServerConfig, TrainConfig
+from fedlearn.config import ServerConfig, TrainConfig, build_strategy
 from fedlearn.errors import AuthError, ConflictError, PayloadError
 from fedlearn.seeding import task_seed
 from fedlearn.server.coordinator import DONE, WAIT, SyncCoordinator, Task
@@ -71,7 +71,8 @@ class Harness:
         self.evaluator = Evaluator()
         self.records: list[dict[str, Any]] = []
         self.coord = SyncCoordinator(
-            self.config, INITIAL, store=self.store, evaluator=self.evaluator,
+            self.config, INITIAL, strategy=build_strategy(self.config), store=self.store,
+            evaluator=self.evaluator,
             clock=self.clock, on_round=self.records.append,
         )
 
@@ -234,7 +235,7 @@ def test_fedavg_by_hand_and_the_round_record(tmp_path: Path, stores: list[Store]
     latest = h.store.latest_checkpoint()
     assert latest is not None
     assert latest[0] == 1
-    np.testing.assert_array_equal(latest[1]["w"], np.array([4.25, 2.25], np.float32))
+    np.testing.assert_array_equal(latest[1]["model/w"], np.array([4.25, 2.25], np.float32))
     status = h.coord.status()
     assert status["version"] == 1
     assert status["round"] == 2  # the next round started at once

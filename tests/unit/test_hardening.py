@@ -225,3 +225,17 @@ def test_registration_is_rate_limited_per_address() -> None:
     with pytest.raises(RateLimitedError, match="retry"):
         limit.take("10.0.0.1")
     limit.take("10.0.0.2")  # another address has its own bucket
+
+
+def test_a_damaged_checkpoint_falls_back_with_its_own_strategy_state(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for version in (1, 2):
+        store.commit_round({"round": version}, {"model/w": np.full(2, version, np.float32)}, {},
+                           metadata={"fedlearn.state": f"state {version}"})
+    newest = tmp_path / "checkpoints" / "global-000002.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-3])
+    found = store.load_checkpoint()
+    assert found is not None and found.key == 1
+    assert found.metadata == {"fedlearn.state": "state 1"}
+    assert found.arrays["model/w"].tolist() == [1.0, 1.0]
+    store.close()

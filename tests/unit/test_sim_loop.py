@@ -1,4 +1,4 @@
-"""The simulator's round loop: sampling, seeds, FedAvg and the run directory."""
+"""The simulator's round loop: sampling, seeds, the strategy and the run directory."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from fedlearn.errors import ConfigError
 from fedlearn.models import build_model, get_weights
 from fedlearn.runs import RunDir, load_model_file
 from fedlearn.seeding import task_seed
-from fedlearn.sim import ENGINES, ClientUpdate, SimConfig, aggregate, config_record, run_simulation
+from fedlearn.sim import ENGINES, SimConfig, config_record, run_simulation
 from fedlearn.strategies import sample_clients
 from fedlearn.tasks import Task, array_task
 from fedlearn.training import Shard, local_update
@@ -65,14 +65,6 @@ def toy_task(ds: Dataset | None = None, model: str = "mlp") -> Task:
     return array_task(
         data.name, lambda: build_model(model, data.input_shape, data.num_classes, seed=None),
         (data.x_train, data.y_train), (data.x_test, data.y_test), num_classes=data.num_classes)
-
-
-def test_aggregate_weights_by_examples_in_sorted_order() -> None:
-    ups = [ClientUpdate("client-b", {"w": np.full(2, 1.0, np.float32)}, 1),
-           ClientUpdate("client-a", {"w": np.full(2, 4.0, np.float32)}, 3)]
-    sums = aggregate(ups)
-    assert sums.count == 2 and sums.total_weight == 4.0
-    np.testing.assert_array_equal(sums.mean()["w"], np.full(2, 3.25, np.float32))
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -156,8 +148,10 @@ def test_vectorized_runs_the_cnn_and_matches_sequential(tmp_path: Path) -> None:
         ({"engine": "fast"}, "engine"),
         ({"partition": "zipf:2"}, "--partition"),
         ({"partition": "iid:4:0"}, "names one part"),
-        ({"strategy": "fedprox"}, "strategy"),
-        ({"server_lr": 0.0}, "server learning rate"),
+        ({"strategy": "fedfoo"}, "unknown strategy 'fedfoo'"),
+        ({"strategy": "krum:1"}, "needs at least 5 updates a round but --per-round is 3"),
+        ({"server_lr": 0.0}, "--server-lr must be a positive number"),
+        ({"strategy": "fedavg", "beta1": 0.5}, "--beta1 applies only to"),
         ({"seed": -1}, "--seed"),
     ],
 )

@@ -285,6 +285,8 @@ def test_staleness_summary() -> None:
     ({"updates": 5, "async_alpha": 1.5}, "--async-alpha"),
     ({"updates": 5, "max_staleness": -1}, "--max-staleness must be 0 or more"),
     ({"updates": 5, "round_timeout": 10.0}, "--round-timeout applies to --mode sync"),
+    ({"updates": 5, "strategy": "fedavgm"}, "--strategy fedavgm applies to --mode sync"),
+    ({"updates": 5, "prox_mu": 0.1}, "--prox-mu applies to --mode sync"),
     ({"updates": 5, "client_speeds": "lognormal:x"}, "--client-speeds"),
     ({"updates": 5, "max_virtual_time": -1.0}, "--max-virtual-time"),
     ({"mode": "sync", "updates": 5}, "--updates applies to --mode async"),

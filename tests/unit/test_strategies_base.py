@@ -13,7 +13,6 @@ from fedlearn.errors import ConfigError
 from fedlearn.strategies import (
     STRATEGIES,
     STRATEGY_TABLE,
-    FedAvg,
     NotEnoughUpdatesError,
     ServerState,
     Strategy,
@@ -135,20 +134,22 @@ def test_table_matches_the_parser_and_the_docstring() -> None:
 # -- rounds -----------------------------------------------------------------------------
 
 
-def test_fedavg_matches_the_existing_fedavg_bit_for_bit() -> None:
+def test_fedavg_is_the_weighted_mean_step_bit_for_bit() -> None:
+    """FedAvg as the round engine always did it: ``w + lr * mean`` in float64, cast back."""
     for lr in (1.0, 0.7):
-        old, new = FedAvg(server_lr=lr), parse_strategy("fedavg", server_lr=lr)
+        new = parse_strategy("fedavg", server_lr=lr)
         total = RunningSum()
         for u in updates(1):
             total.add(u.delta, u.num_examples)
-        want = old.apply(old.init(model()), total)
+        mean = total.mean()
         got = new.aggregate(new.init(model()), updates(1), num_clients=7)
-        for k, v in want.weights.items():
+        for k, v in model().items():
             if v.dtype.kind == "f":
-                assert np.array_equal(got.weights[k], v) and got.weights[k].dtype == v.dtype
-        if lr == 1.0:  # the old FedAvg scales integer deltas by server_lr; the new rule never does
-            assert int(got.weights["bn.num_batches_tracked"]) == int(
-                want.weights["bn.num_batches_tracked"])
+                want = (v + lr * mean[k].astype(np.float64)).astype(v.dtype)
+                assert np.array_equal(got.weights[k], want) and got.weights[k].dtype == v.dtype
+        # Integer counters move by the rounded mean delta, never scaled by the server lr.
+        assert int(got.weights["bn.num_batches_tracked"]) == 10 + int(
+            mean["bn.num_batches_tracked"])
 
 
 @pytest.mark.parametrize("spec", ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad",

@@ -73,3 +73,21 @@ def test_decode_refuses_garbage_and_oversize() -> None:
         W.decode(b"\x00", None)
     with pytest.raises(PayloadTooLargeError, match="over the limit"):
         W.decode(W.encode(w(1, 1)), None, max_bytes=16)
+
+
+def test_pack_and_unpack_extra_groups_and_header_metadata() -> None:
+    from fedlearn.weights import decode, encode, pack, read_metadata, unpack
+
+    model = {"fc.weight": np.ones((2, 2), np.float32), "n": np.array(3, np.int64)}
+    c = {"fc.weight": np.full((2, 2), 0.5, np.float32)}
+    packed = pack(model, {"c": c})
+    assert sorted(packed) == ["c/fc.weight", "fc.weight", "n"]
+    data = encode(packed, {"run": "r1"})
+    assert read_metadata(data) == {"run": "r1"} and read_metadata(encode(model)) == {}
+    back, extras = unpack(decode(data), ("c", "delta_c"))
+    assert sorted(back) == ["fc.weight", "n"] and back["n"].shape == ()
+    assert extras["delta_c"] == {} and extras["c"]["fc.weight"].tolist() == [[0.5, 0.5]] * 2
+    with pytest.raises(ValueError, match=r"two arrays would travel as 'c/fc\.weight'"):
+        pack(packed, {"c": c})
+    with pytest.raises(PayloadError, match="not safetensors"):
+        read_metadata(b"\xff" * 16)

@@ -36,6 +36,9 @@ from fedlearn.cli.common import (
 from fedlearn.cli.server_cmds import (
     AsyncAlphaOpt,
     AsyncPolicyOpt,
+    Beta1Opt,
+    Beta2Opt,
+    ClipNormOpt,
     EvalEveryOpt,
     EvalFractionOpt,
     FractionOpt,
@@ -44,11 +47,15 @@ from fedlearn.cli.server_cmds import (
     MaxUpdatesOpt,
     MinResultsOpt,
     ModeOpt,
+    ProxMuOpt,
     RoundTimeoutOpt,
     SaveEveryOpt,
     ServerLrOpt,
+    ServerMomentumOpt,
     StalenessFnOpt,
     StrategyOpt,
+    TauOpt,
+    strategy_flags,
 )
 from fedlearn.errors import ConfigError, FedlearnError
 
@@ -106,6 +113,12 @@ def run(
     round_timeout: RoundTimeoutOpt = None,
     strategy: StrategyOpt = None,
     server_lr: ServerLrOpt = None,
+    server_momentum: ServerMomentumOpt = None,
+    beta1: Beta1Opt = None,
+    beta2: Beta2Opt = None,
+    tau: TauOpt = None,
+    prox_mu: ProxMuOpt = None,
+    clip_norm: ClipNormOpt = None,
     save_every: SaveEveryOpt = None,
     mode: ModeOpt = None,
     async_policy: AsyncPolicyOpt = None,
@@ -130,7 +143,7 @@ def run(
 ) -> None:
     """Start a server and N clients on 127.0.0.1 and run a federated training to the end."""
     from fedlearn.cli.common import device_name
-    from fedlearn.config import ServerConfig, TrainConfig
+    from fedlearn.config import ServerConfig, TrainConfig, build_strategy
     from fedlearn.runs import default_run_dir
     from fedlearn.training import initial_state
 
@@ -149,7 +162,9 @@ def run(
         "mode": mode, "async_policy": async_policy, "async_alpha": async_alpha,
         "staleness_fn": staleness_fn, "max_staleness": max_staleness,
         "max_updates": max_updates, "max_seconds": max_seconds, "eval_every": eval_every,
-        "server_lr": server_lr, "save_every": save_every,
+        "save_every": save_every,
+        **strategy_flags(strategy, server_lr, server_momentum, beta1, beta2, tau, prox_mu,
+                         clip_norm),
     }
     # Refuse bad settings here, before any process starts.
     the_task, ref = resolve_task(task, dataset, model)
@@ -160,12 +175,18 @@ def run(
     train = TrainConfig.from_dict({**the_task.config,
                                    **{k: v for k, v in given.items() if v is not None}})
     checked = {"fraction": fraction, "min_results": min_results,
-               "round_timeout": round_timeout, "strategy": strategy, **run_flags}
-    ServerConfig(rounds=rounds, client=train.as_dict(), eval_fraction=eval_fraction, seed=seed,
-                 **{k: v for k, v in checked.items() if v is not None})
+               "round_timeout": round_timeout, **run_flags}
+    settings = ServerConfig(rounds=rounds, client=train.as_dict(), eval_fraction=eval_fraction,
+                            seed=seed, **{k: v for k, v in checked.items() if v is not None})
     if min_results is not None and min_results > clients:
         raise ConfigError(f"--min-results {min_results} is more than the {clients} clients; "
                           "no round could ever close. Lower it or add clients.")
+    if settings.mode == "sync":
+        needed = build_strategy(settings).min_updates
+        if needed > clients:
+            raise ConfigError(f"strategy {settings.strategy} needs at least {needed} updates "
+                              f"a round but the run has {clients} clients; add clients or "
+                              "choose a smaller F.")
     parts = [client_partition(partition, clients, i) for i in range(clients)]
     hostile = _attackers(attack, attackers, clients, seed, the_task)
     slow = _parse_slowdown(slowdown or [], clients)
@@ -195,8 +216,8 @@ def run(
         "--momentum", repr(train.momentum),
     ]
     for name, value in (("fraction", fraction), ("min_results", min_results),
-                        ("round_timeout", round_timeout), ("strategy", strategy),
-                        ("eval_fraction", eval_fraction), *run_flags.items()):
+                        ("round_timeout", round_timeout), ("eval_fraction", eval_fraction),
+                        *run_flags.items()):
         if value is not None:
             server_cmd += ["--" + name.replace("_", "-"), str(value)]
     procs: dict[str, subprocess.Popen[bytes]] = {}

@@ -16,7 +16,7 @@ from fedlearn.cli.common import (
     metrics_text,
     pct,
 )
-from fedlearn.config import ServerConfig, from_mapping, load_toml
+from fedlearn.config import ServerConfig, build_strategy, from_mapping, load_toml
 from fedlearn.errors import ConfigError
 
 HostOpt = Annotated[str, typer.Option("--host", help="Address to listen on.")]
@@ -40,11 +40,51 @@ RoundTimeoutOpt = Annotated[
                  "[default: 600]"),
 ]
 StrategyOpt = Annotated[
-    str | None, typer.Option("--strategy", help="Aggregation strategy. [default: fedavg]")
+    str | None, typer.Option("--strategy", help="fedavg, fedavgm, fedadam, fedyogi, "
+                             "fedadagrad, fedprox, scaffold, median, trimmed-mean:BETA, "
+                             "krum:F, multi-krum:F:M, bulyan:F, norm-bounding, or RULE+OPT "
+                             "(e.g. trimmed-mean:0.2+fedadam); see the README. "
+                             "[default: fedavg]")
 ]
 ServerLrOpt = Annotated[
-    float | None, typer.Option("--server-lr", help="Server learning rate. [default: 1.0]")
+    float | None, typer.Option("--server-lr", help="Server learning rate. [default: the "
+                               "strategy's: 1.0; fedadam, fedyogi, fedadagrad 0.01]")
 ]
+ServerMomentumOpt = Annotated[
+    float | None, typer.Option("--server-momentum", help="fedavgm: server momentum. "
+                               "[default: 0.9]")
+]
+Beta1Opt = Annotated[
+    float | None, typer.Option("--beta1", help="fedadam, fedyogi, fedadagrad: first-moment "
+                               "decay. [default: 0.9]")
+]
+Beta2Opt = Annotated[
+    float | None, typer.Option("--beta2", help="fedadam, fedyogi: second-moment decay. "
+                               "[default: 0.99]")
+]
+TauOpt = Annotated[
+    float | None, typer.Option("--tau", help="fedadam, fedyogi, fedadagrad: adaptivity "
+                               "(added to sqrt(v)). [default: 0.001]")
+]
+ProxMuOpt = Annotated[
+    float | None, typer.Option("--prox-mu", help="FedProx's mu, sent to clients (fedprox, or "
+                               "added to any strategy). [default: fedprox 0.01, else off]")
+]
+ClipNormOpt = Annotated[
+    float | None, typer.Option("--clip-norm", help="Scale each client delta to an L2 norm of "
+                               "at most this before aggregating (norm-bounding needs it).")
+]
+
+
+def strategy_flags(
+    strategy: str | None, server_lr: float | None, server_momentum: float | None,
+    beta1: float | None, beta2: float | None, tau: float | None, prox_mu: float | None,
+    clip_norm: float | None,
+) -> dict[str, Any]:
+    """The strategy flags as run settings (None: not given)."""
+    return {"strategy": strategy, "server_lr": server_lr, "server_momentum": server_momentum,
+            "beta1": beta1, "beta2": beta2, "tau": tau, "prox_mu": prox_mu,
+            "clip_norm": clip_norm}
 SaveEveryOpt = Annotated[
     int | None, typer.Option("--save-every", help="Rounds (async: updates) between "
                              "checkpoints. [default: 1]")
@@ -198,6 +238,12 @@ def server(
     round_timeout: RoundTimeoutOpt = None,
     strategy: StrategyOpt = None,
     server_lr: ServerLrOpt = None,
+    server_momentum: ServerMomentumOpt = None,
+    beta1: Beta1Opt = None,
+    beta2: Beta2Opt = None,
+    tau: TauOpt = None,
+    prox_mu: ProxMuOpt = None,
+    clip_norm: ClipNormOpt = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Run seed. [default: 0]")] = None,
     save_every: SaveEveryOpt = None,
     mode: ModeOpt = None,
@@ -268,7 +314,9 @@ def server(
     cfg = resolve_config(config, resume, {
         "dataset": dataset, "model": model, "rounds": rounds, "min_clients": min_clients,
         "fraction": fraction, "min_results": min_results, "round_timeout": round_timeout,
-        "strategy": strategy, "server_lr": server_lr, "seed": seed, "save_every": save_every,
+        **strategy_flags(strategy, server_lr, server_momentum, beta1, beta2, tau, prox_mu,
+                         clip_norm),
+        "seed": seed, "save_every": save_every,
         "mode": mode, "async_policy": async_policy, "async_alpha": async_alpha,
         "staleness_fn": staleness_fn, "max_staleness": max_staleness,
         "max_updates": max_updates, "max_seconds": max_seconds, "eval_every": eval_every,
@@ -286,6 +334,8 @@ def server(
             read_clients_file(Path(cfg.clients_file))
     run, cfg, resumed = prepare_run(cfg, out, resume)
     the_task = task_of(cfg)
+    # The strategy is resolved once, here; the server is given the object.
+    the_strategy = build_strategy(cfg) if cfg.mode == "sync" else None
 
     def on_round(r: dict[str, Any]) -> None:
         if "update" in r:
@@ -308,7 +358,7 @@ def server(
                      show_token=sys.stdout.isatty()),
         task=the_task, resumed=resumed,
         announce=lambda s: console.print(s, highlight=False, markup=False),
-        on_round=on_round, device=device,
+        on_round=on_round, device=device, strategy=the_strategy,
     )
     if summary.get("mode") == "async":
         done = (f"{summary['updates']} updates ({summary['versions']} versions, mean staleness "

@@ -31,8 +31,17 @@ from fedlearn.cli.common import (
 from fedlearn.cli.server_cmds import (
     AsyncAlphaOpt,
     AsyncPolicyOpt,
+    Beta1Opt,
+    Beta2Opt,
+    ClipNormOpt,
     MaxStalenessOpt,
+    ProxMuOpt,
+    ServerLrOpt,
+    ServerMomentumOpt,
     StalenessFnOpt,
+    StrategyOpt,
+    TauOpt,
+    strategy_flags,
 )
 from fedlearn.errors import ConfigError
 
@@ -99,10 +108,14 @@ def sim(
     momentum: Annotated[float | None, typer.Option("--momentum", help="SGD momentum.")] = None,
     weight_decay: Annotated[float | None, typer.Option("--weight-decay",
                             help="L2 weight decay.")] = None,
-    strategy: Annotated[str, typer.Option("--strategy", help="Aggregation strategy.")]
-    = "fedavg",
-    server_lr: Annotated[float, typer.Option("--server-lr", help="Server learning rate.")]
-    = 1.0,
+    strategy: StrategyOpt = None,
+    server_lr: ServerLrOpt = None,
+    server_momentum: ServerMomentumOpt = None,
+    beta1: Beta1Opt = None,
+    beta2: Beta2Opt = None,
+    tau: TauOpt = None,
+    prox_mu: ProxMuOpt = None,
+    clip_norm: ClipNormOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Run seed (model, partition, "
                     "sampling, data order).")] = 0,
     attack: AttackOpt = None,
@@ -125,7 +138,7 @@ def sim(
     """Simulate a federated run of N clients in this process (same model as `fedlearn run`)."""
     import torch
 
-    from fedlearn.config import TrainConfig
+    from fedlearn.config import TrainConfig, build_strategy
     from fedlearn.runs import RunDir, default_run_dir
     from fedlearn.sim import SimConfig, config_record, run_simulation
 
@@ -155,12 +168,15 @@ def sim(
         rounds=rounds if rounds is not None else 10,
         engine=engine, dataset=dataset, model=model, task=ref.get("task", ""), data=data,
         label=label, test_fraction=test_fraction, eval_every=eval_every,
-        eval_fraction=eval_fraction, strategy=strategy, server_lr=server_lr, seed=seed,
+        eval_fraction=eval_fraction, seed=seed, train=train,
         max_parallel=max_parallel, precision=precision, dp_sgd=dp_sgd, dp_delta=dp_delta,
-        attack=attack or "", attackers=attackers, train=train, mode=mode,
-        max_staleness=max_staleness, client_speeds=client_speeds, round_timeout=round_timeout,
-        updates=updates, concurrency=concurrency, max_virtual_time=max_virtual_time, **policy,
+        attack=attack or "", attackers=attackers, mode=mode, max_staleness=max_staleness,
+        client_speeds=client_speeds, round_timeout=round_timeout, updates=updates,
+        concurrency=concurrency, max_virtual_time=max_virtual_time, **policy,
+        **{k: v for k, v in strategy_flags(strategy, server_lr, server_momentum, beta1, beta2,
+                                           tau, prox_mu, clip_norm).items() if v is not None},
     )
+    the_strategy = build_strategy(config)  # resolved once, here
     device = device_name(device)
     torch.set_num_threads(threads)
     run = RunDir.create(out or default_run_dir("sim"), config_record(config))
@@ -192,7 +208,7 @@ def sim(
                                       on_progress=on_update, log=log, device=device)
             else:
                 summary = run_simulation(config, the_task, run, on_round=on_round, log=log,
-                                         device=device)
+                                         device=device, strategy=the_strategy)
     except BaseException:
         run.discard_if_empty()
         raise

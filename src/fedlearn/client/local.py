@@ -15,7 +15,7 @@ from fedlearn.client_api import ClientInfo, FLModel, ScriptRunner
 from fedlearn.config import TrainConfig
 from fedlearn.errors import ConfigError
 from fedlearn.tasks.base import ClientData, DataContext, Task
-from fedlearn.types import ClientResult, EvalResult, Weights
+from fedlearn.types import ClientResult, ControlVariates, EvalResult, Weights
 from fedlearn.weights import check, spec_of, subtract
 
 if TYPE_CHECKING:
@@ -77,17 +77,24 @@ class LocalClient:
 
     def fit(
         self, weights: Weights, config: TrainConfig, *, seed: int, round_number: int = 0,
-        version: int = 0, slowdown: float = 1.0,
+        version: int = 0, slowdown: float = 1.0, control: ControlVariates | None = None,
     ) -> ClientResult:
-        """Train from ``weights`` with ``config``; the delta, examples and metrics."""
+        """Train from ``weights`` with ``config``; the delta, examples and metrics.
+
+        ``control``: SCAFFOLD's control variates (see :meth:`Trainer.fit`).
+        """
         if self.trainer is not None and self.train_shard is not None:
             result = self.trainer.fit(weights, self.train_shard, config, seed=seed,
-                                      base_version=version, slowdown=slowdown)
+                                      base_version=version, slowdown=slowdown, control=control)
             if self.ledger_file is not None and self.trainer.ledger is not None:
                 self.trainer.ledger.save(self.ledger_file)
             return result
         if self.runner is None:  # pragma: no cover - one of the two is always set
             raise ConfigError("this client has neither a model nor a script.")
+        if control is not None:
+            raise ConfigError(f"task {self.task.name!r} trains with a client-API script, "
+                              "which cannot take SCAFFOLD's corrected steps; choose another "
+                              "--strategy.")
         started = time.perf_counter()
         reply = self.runner.ask(FLModel(weights={k: v.copy() for k, v in weights.items()},
                                         kind="train", config=config.as_dict(),

@@ -76,6 +76,8 @@ class Registration:
     rounds: int
     task: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    #: groups of arrays ``GET /api/model`` sends beside the model (SCAFFOLD: ``("c",)``)
+    model_extras: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -347,6 +349,7 @@ class RemoteServer:
                 rounds=int(body["rounds"]),
                 task=str(body.get("task") or ""),
                 config=dict(body.get("config") or {}),
+                model_extras=tuple(str(g) for g in body.get("model_extras") or ()),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteError(f"the server's registration answer lacks a valid {exc}; check "

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from fedlearn.attacks import Attackers, label_flip_classes, parse_attack
+from fedlearn.client.control import ControlStore, control_path
 from fedlearn.client.identity import load_identity, save_identity
 from fedlearn.client.local import LocalClient
 from fedlearn.client.remote import (
@@ -33,7 +34,8 @@ from fedlearn.config import TrainConfig
 from fedlearn.errors import AuthError, ConfigError, ConflictError, RemoteError
 from fedlearn.tasks.base import ClientData, Data, DataContext
 from fedlearn.tasks.base import Task as TaskDef
-from fedlearn.types import ClientResult, Weights
+from fedlearn.types import ClientResult, ControlVariates, Weights
+from fedlearn.weights import pack, unpack
 
 T = TypeVar("T")
 
@@ -254,6 +256,10 @@ class _Worker:
         self.local: LocalClient | None = None
         self.server_config: dict[str, Any] = {}
         self.cached: tuple[Weights, int] | None = None
+        #: groups of arrays the server sends beside the model, and those of the cached model
+        self.model_extras: tuple[str, ...] = ()
+        self.extras: dict[str, Weights] = {}
+        self.controls = ControlStore(None, "")
         self.reregistered = False
         self.reached = False  # has the server ever answered?
         self.mode = "sync"
@@ -358,6 +364,9 @@ class _Worker:
                                                      "run_id": reg.run_id})
         self.server_config = dict(reg.config)
         self.cached = None
+        self.model_extras = reg.model_extras
+        if "c" in reg.model_extras:
+            self.controls = ControlStore(control_path(self.config.credential_file), reg.run_id)
         self.mode = reg.mode
         length = "async" if reg.mode == "async" else f"{reg.rounds} rounds"
         examples = "" if local.num_examples is None else f" with {local.num_examples} examples"
@@ -370,12 +379,22 @@ class _Worker:
             self.config.overrides)
 
     def fit(self, weights: Weights, task: Task) -> ClientResult:
-        """Train from ``weights`` for ``task`` with the round's config."""
+        """Train from ``weights`` for ``task`` with the round's config (SCAFFOLD's
+        control variates when the round asks for them)."""
         if self.local is None:  # pragma: no cover
             raise ConfigError("no task to train.")
-        result = self.local.fit(weights, self.round_config(task.config), seed=task.seed,
-                                round_number=task.round, version=task.version,
-                                slowdown=self.config.slowdown)
+        config = self.round_config(task.config)
+        control = None
+        if config.scaffold:
+            c = self.extras.get("c")
+            if not c:
+                raise RemoteError("the server asks for SCAFFOLD but sent no control variate "
+                                  "with the model; use the same fedlearn version on server "
+                                  "and clients.")
+            control = ControlVariates(c, self.controls.for_version(task.version, c))
+        result = self.local.fit(weights, config, seed=task.seed, round_number=task.round,
+                                version=task.version, slowdown=self.config.slowdown,
+                                control=control)
         if not self.attackers.active:
             return result
         return dataclasses.replace(result, delta=self.attackers.delta(
@@ -428,12 +447,21 @@ class _Worker:
     def weights_for(self, task: Task) -> Weights | None:
         """The global weights of ``task.version``: cached, or fetched once per version."""
         if self.cached is None or self.cached[1] != task.version:
-            self.cached = self.call(self.remote.get_model)
+            self.fetch_model()
+        if self.cached is None:  # pragma: no cover - fetch_model sets it
+            return None
         weights, version = self.cached
         if version != task.version:
             self.log(f"round {task.round}: the server's model is at version {version}, not "
                      f"{task.version}; skipping this round")
             return None
+        return weights
+
+    def fetch_model(self) -> Weights:
+        """Fetch the server's model; cache it (and the arrays sent beside it)."""
+        arrays, version = self.call(self.remote.get_model)
+        weights, self.extras = unpack(arrays, self.model_extras)
+        self.cached = (weights, version)
         return weights
 
     def evaluate(self, task: Task, *, any_version: bool = False) -> None:
@@ -443,8 +471,7 @@ class _Worker:
         be newer than the one the task named.
         """
         if any_version:
-            self.cached = self.call(self.remote.get_model)
-            weights: Weights | None = self.cached[0]
+            weights: Weights | None = self.fetch_model()
         else:
             weights = self.weights_for(task)
         if weights is None or self.local is None:
@@ -467,14 +494,18 @@ class _Worker:
             return
         with cpu_slot(self.config.cpu_slot):
             result = self.fit(weights, task)
+        if result.control is not None:  # kept before sending: a crash cannot lose it
+            self.controls.keep(task.version, result.control)
         line = f"round {task.round}: {result.num_examples} examples, " + describe(result.metrics)
         self.last_round = task.round
+        payload = pack(result.delta, result.extra)
         try:
             self.call(lambda: self.remote.submit_update(
-                task.round, result.delta, result.num_examples, result.metrics,
+                task.round, payload, result.num_examples, result.metrics,
                 task.task_id or None))
         except ConflictError as exc:
             self.refused += 1
+            self.controls.forget(task.version)
             self.log(f"{line}; update refused: {exc}")
             return
         except PayloadRefused as exc:

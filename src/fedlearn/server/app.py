@@ -266,6 +266,8 @@ def create_app(
             "model": coordinator.config.model,
             "task": coordinator.task_name,
             "config": coordinator.train_config.as_dict(),
+            # groups of arrays GET /api/model sends beside the model (SCAFFOLD: ["c"])
+            "model_extras": list(coordinator.model_extras),
             **details,
         }
 
@@ -341,7 +343,8 @@ def create_app(
         # flat however many clients upload together (the others wait their turn).
         async with uploads:
             body = await read_body(request, limit)
-            delta = await run_in_threadpool(decode, body, coordinator.spec, max_bytes=limit)
+            delta = await run_in_threadpool(decode, body, coordinator.update_spec,
+                                            max_bytes=limit)
             del body
         values = metrics_json(metrics)
         values.update({

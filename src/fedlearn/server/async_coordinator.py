@@ -88,8 +88,12 @@ class AsyncCoordinator:
         #: Called under the writer lock with each accepted update, in order; keep it quick.
         self.on_merge = on_merge or (lambda merged: None)
         self.policy = make_policy(config.async_policy, alpha=config.async_alpha,
-                                  staleness_fn=config.staleness_fn, server_lr=config.server_lr)
+                                  staleness_fn=config.staleness_fn,
+                                  server_lr=config.async_server_lr)
         self.spec: Spec = spec_of(initial)
+        #: async runs send and take the model's arrays only
+        self.update_spec: Spec = self.spec
+        self.model_extras: tuple[str, ...] = ()
         self._lock = threading.Lock()
         self._clients = ClientRegistry(store)
         self.fed_eval = FedEval(clock, min(config.round_timeout, 120.0))

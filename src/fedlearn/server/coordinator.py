@@ -1,4 +1,10 @@
-"""Synchronous FedAvg rounds, with no web code: clock, evaluator and store are passed in.
+"""Synchronous rounds, with no web code: strategy, clock, evaluator and store are passed in.
+
+The strategy (a :class:`~fedlearn.strategies.Strategy`, resolved at the edge)
+decides each round's client config and the next state; its whole state
+(model, optimizer moments, SCAFFOLD's control variate) is in every checkpoint
+and comes back on resume. Closing a round is :mod:`fedlearn.rounds`, shared
+with the simulator.
 
 Thread-safe: HTTP handlers call :meth:`register`, :meth:`poll` and
 :meth:`submit` from many threads or an event loop, and a driver calls
@@ -14,27 +20,35 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from fedlearn.config import ServerConfig, TrainConfig
 from fedlearn.errors import ConflictError, PayloadError
-from fedlearn.seeding import rng_for, task_seed
+from fedlearn.rounds import (
+    RoundFailed,
+    RoundUpdates,
+    checkpoint_of,
+    close_round,
+    restore,
+    round_config,
+)
+from fedlearn.seeding import task_seed
 from fedlearn.server.clients import ClientRegistry, check_identity
 from fedlearn.server.fedeval import FedEval
 from fedlearn.server.store import Store
+from fedlearn.server.sync_round import OpenRound, wire_for
 from fedlearn.server.sync_types import DONE, WAIT, Evaluator, Task, eval_record
-from fedlearn.strategies import StrategyState, make_strategy, sample_clients
+from fedlearn.strategies import ServerState, Strategy, Update, sample_clients
 from fedlearn.types import Weights
 from fedlearn.weights import (
-    RunningSum,
     Spec,
     check,
     check_delta,
     encode,
     float_norm,
+    pack,
     spec_of,
-    unusable,
+    unpack,
 )
 
 __all__ = ["DONE", "WAIT", "Evaluator", "SyncCoordinator", "Task", "eval_record"]
@@ -47,27 +61,20 @@ RETURN_WAIT_SECONDS = 60.0
 #: Answers to updates kept for replays (a client retrying after a timeout gets the same one).
 REPLAY_MEMORY = 10_000
 
-@dataclass
-class _Round:
-    number: int
-    attempt: int
-    sampled: frozenset[str]
-    deadline: float
-    started: float
-    sums: RunningSum = field(default_factory=RunningSum)
-    received: dict[str, int] = field(default_factory=dict)
-    train_loss: float = 0.0
-    picked: set[str] = field(default_factory=set)  # sampled clients that took their task
-
-
 class SyncCoordinator:
-    """Runs ``config.rounds`` rounds of sampling, local training and FedAvg."""
+    """Runs ``config.rounds`` rounds of sampling, local training and ``strategy``.
+
+    Clients get the extra arrays the strategy sends (SCAFFOLD's ``c``) with the
+    model as safetensors entries ``GROUP/NAME`` (``c/fc1.weight``), and send the
+    extra deltas it asks for (``delta_c/fc1.weight``) with their delta.
+    """
 
     def __init__(
         self,
         config: ServerConfig,
         initial: Weights,
         *,
+        strategy: Strategy,
         store: Store,
         evaluator: Evaluator | None,
         train_config: TrainConfig | None = None,
@@ -84,8 +91,14 @@ class SyncCoordinator:
         self.clock = clock
         self.on_change = on_change or (lambda: None)
         self.on_round = on_round or (lambda record: None)
-        self.strategy = make_strategy(config.strategy, server_lr=config.server_lr)
+        self.strategy = strategy
         self.spec: Spec = spec_of(initial)
+        wire = wire_for(strategy, initial)
+        #: groups of arrays sent beside the model, and of deltas sent beside a delta
+        self.model_extras, self.update_extras = wire.model_extras, wire.update_extras
+        self.update_spec: Spec = wire.update_spec
+        #: the fewest updates that make a round: --min-results, or more if the rule needs it
+        self.min_results = max(config.min_results, strategy.min_updates)
         self._lock = threading.Lock()
         self._clients = ClientRegistry(store)
         self.fed_eval = FedEval(clock, config.round_timeout)
@@ -96,22 +109,21 @@ class SyncCoordinator:
         self._known_before = len(self._clients)
         #: until then a resumed run waits for the clients it knew (see _start_round_locked)
         self._returning_until = clock() + min(config.round_timeout, RETURN_WAIT_SECONDS)
-        resumed = store.latest_checkpoint()
+        resumed = store.load_checkpoint()
         if resumed is not None:
-            version, weights = resumed
-            check(weights, self.spec)
-            store.truncate_rounds(version)
-            self.state = StrategyState(weights=weights, version=version)
+            self.state = restore(strategy, resumed.arrays, resumed.metadata, key=resumed.key,
+                                 spec=self.spec)
+            store.truncate_rounds(resumed.key)
         else:
             # Rounds recorded before the first checkpoint are redone from the start.
             store.truncate_rounds(0)
-            self.state = self.strategy.init(initial)
+            self.state = strategy.init(initial)
         self.history: list[dict[str, Any]] = store.rounds()
         self.phase = "done" if self.state.version >= config.rounds else "waiting"
-        self._round: _Round | None = None
+        self._round: OpenRound | None = None
         self._attempt = 0  # of the next round to start (a rerun that had to wait keeps its count)
         self._closing = False
-        self._pending: list[tuple[StrategyState, dict[str, Any]]] = []
+        self._pending: list[tuple[ServerState, dict[str, Any]]] = []
         self._committing = False
         self._started_once = False
         self._model_cache: tuple[int, bytes] | None = None
@@ -176,16 +188,18 @@ class SyncCoordinator:
         return Task(
             "train", rnd.number, self.state.version,
             task_seed(self.config.seed, rnd.number, client_id),
-            f"r{rnd.number}.{rnd.attempt}.{client_id}", self.train_config.as_dict(),
+            f"r{rnd.number}.{rnd.attempt}.{client_id}", rnd.config,
         )
 
     def model_bytes(self) -> tuple[bytes, int]:
-        """The global model as safetensors bytes and its version (encoded once per version)."""
+        """The global model (with the strategy's extra arrays, see the class doc) as
+        safetensors bytes, and its version (encoded once per version)."""
         with self._lock:
             state = self.state
             cached = self._model_cache
         if cached is None or cached[0] != state.version:
-            cached = (state.version, encode(state.weights))
+            cached = (state.version, encode(pack(state.weights,
+                                                 self.strategy.client_arrays(state))))
             with self._lock:
                 self._model_cache = cached
         return cached[1], cached[0]
@@ -201,12 +215,16 @@ class SyncCoordinator:
         task_id: str | None = None,
     ) -> dict[str, Any]:
         """Fold one client's delta into the round; its answer. ConflictError if it does not
-        belong; a replay of an accepted task gets the original answer and changes nothing."""
+        belong; a replay of an accepted task gets the original answer and changes nothing.
+
+        ``delta`` holds the extra deltas the strategy asks for as ``GROUP/NAME``
+        entries (:attr:`update_spec`)."""
         key = f"{client_id}/{task_id}"
         with self._lock:
             if task_id is not None and key in self._answers:
                 return self._answers[key]
-        check(delta, self.spec)
+        check(delta, self.update_spec)
+        delta, extra = unpack(delta, self.update_extras)
         if num_examples < 1:
             raise PayloadError(f"num_examples must be at least 1, got {num_examples}.")
         check_delta(delta, self.state.weights, self.norm_limit)
@@ -235,7 +253,7 @@ class SyncCoordinator:
                 raise ConflictError(
                     f"client {client_id} already sent its update for round {round_number}."
                 )
-            rnd.sums.add(delta, float(num_examples))
+            rnd.updates.add(Update(delta, num_examples, extra, client_id))
             rnd.received[client_id] = num_examples
             if metrics and "train_loss" in metrics:
                 rnd.train_loss += float(metrics["train_loss"]) * num_examples
@@ -302,7 +320,7 @@ class SyncCoordinator:
                 if self.state.version >= self.config.rounds:
                     return False
                 return self._start_round_locked(self.state.version + 1, attempt=self._attempt)
-            if self._replace_absent_locked(rnd, now):
+            if rnd.replace_absent(self._clients, now, self._pickup_seconds(), self.config.seed):
                 self.on_change()
                 return True
             complete = len(rnd.received) == len(rnd.sampled)
@@ -312,10 +330,11 @@ class SyncCoordinator:
             if not complete:
                 for cid in rnd.sampled - rnd.received.keys():
                     self._clients[cid].dropped = True
-            if len(rnd.received) < self.config.min_results:
-                log.warning("round %d: %d update(s) by the deadline, fewer than --min-results "
-                            "%d; running it again with a new sample", rnd.number,
-                            len(rnd.received), self.config.min_results)
+            if len(rnd.received) < self.min_results:
+                log.warning("round %d: %d update(s) by the deadline, fewer than the %d needed "
+                            "(--min-results, or the strategy's minimum); running it again "
+                            "with a new sample", rnd.number, len(rnd.received),
+                            self.min_results)
                 self.short_rounds += 1
                 self._round = None
                 self._start_round_locked(rnd.number, attempt=rnd.attempt + 1)
@@ -331,36 +350,9 @@ class SyncCoordinator:
             return self.config.pickup_timeout
         return min(PICKUP_SECONDS, self.config.round_timeout / 3)
 
-    def _pickup_by(self, rnd: _Round, client_id: str) -> float:
-        """When ``client_id`` must have picked up its task: the pickup time after the
-        round started or after it (re-)registered, whichever is later."""
-        return max(rnd.started, self._clients[client_id].registered_at) + self._pickup_seconds()
-
-    def _pickup_due_locked(self, rnd: _Round) -> list[float]:
-        return [self._pickup_by(rnd, cid)
-                for cid in rnd.sampled - rnd.picked - rnd.received.keys()]
-
-    def _replace_absent_locked(self, rnd: _Round, now: float) -> bool:
-        """Swap sampled clients that never picked up their task for others (True if any).
-
-        A client that registered and went silent must not make the round wait for
-        its whole deadline; it takes part again once it polls.
-        """
-        absent = {cid for cid in rnd.sampled - rnd.picked - rnd.received.keys()
-                  if self._pickup_by(rnd, cid) <= now}
-        if not absent:
-            return False
-        spare = sorted(c.client_id for c in self._clients
-                       if c.online and not c.dropped and c.client_id not in rnd.sampled)
-        for cid in absent:
-            self._clients[cid].dropped = True
-        rng = rng_for("replace", self.config.seed, rnd.number, rnd.attempt, len(rnd.picked))
-        chosen = ([spare[i] for i in rng.choice(len(spare), size=min(len(absent), len(spare)),
-                                                 replace=False)] if spare else [])
-        rnd.sampled = frozenset((rnd.sampled - absent) | set(chosen))
-        log.warning("round %d: %d sampled client(s) never picked up their task; replaced by "
-                    "%d other(s)", rnd.number, len(absent), len(chosen))
-        return True
+    def _pickup_due_locked(self, rnd: OpenRound) -> list[float]:
+        return [rnd.pickup_by(self._clients, cid, self._pickup_seconds())
+                for cid in rnd.waiting_for_pickup()]
 
     def _start_round_locked(self, number: int, attempt: int) -> bool:
         self._attempt = attempt
@@ -374,34 +366,35 @@ class SyncCoordinator:
             # A resumed run waits (a while) for every client it knew, so its first
             # round samples from the same clients as the uninterrupted run would.
             needed = max(needed, self._known_before)
-        needed = max(needed, self.config.min_results)
+        needed = max(needed, self.min_results)
         if len(candidates) < needed:
             self.phase = "waiting"
             return False
         sampled = sample_clients(
             candidates, self.config.fraction, seed=self.config.seed,
-            round_number=number, attempt=attempt, minimum=self.config.min_results,
+            round_number=number, attempt=attempt, minimum=self.min_results,
         )
         now = self.clock()
-        self._round = _Round(
-            number, attempt, frozenset(sampled), now + self.config.round_timeout, now
-        )
+        config = round_config(self.strategy, self.state, self.train_config, number).as_dict()
+        self._round = OpenRound(number, attempt, frozenset(sampled),
+                                now + self.config.round_timeout, now,
+                                RoundUpdates(self.strategy), config)
         self.phase = "training"
         self._started_once = True
         self.on_change()
         return True
 
-    def _close_round(self, rnd: _Round, now: float) -> None:
+    def _close_round(self, rnd: OpenRound, now: float) -> None:
         try:
-            new_state = self.strategy.apply(self.state, rnd.sums)
+            new_state = close_round(self.strategy, self.state, rnd.updates,
+                                    num_clients=len(self._clients))
+        except RoundFailed as exc:
+            self._fail_round(rnd, str(exc))
+            return
         except BaseException:
             with self._lock:
                 self._closing = False
             raise
-        problem = unusable(new_state.weights)
-        if problem is not None:
-            self._fail_round(rnd, f"the aggregate is unusable ({problem})")
-            return
         examples = sum(rnd.received.values())
         record: dict[str, Any] = {
             "round": rnd.number,
@@ -427,7 +420,7 @@ class SyncCoordinator:
         self.on_change()
         self._commit_pending()
 
-    def _fail_round(self, rnd: _Round, reason: str) -> None:
+    def _fail_round(self, rnd: OpenRound, reason: str) -> None:
         """Keep the previous model, record why, and run the round again with a new sample."""
         failure = {"round": rnd.number, "attempt": rnd.attempt + 1, "reason": reason}
         log.warning("round %d (attempt %d) failed: %s; the previous model stays and the "
@@ -455,13 +448,14 @@ class SyncCoordinator:
                 with self._lock:
                     self._committing = False
 
-    def _commit_one(self, state: StrategyState, partial: dict[str, Any]) -> bool:
+    def _commit_one(self, state: ServerState, partial: dict[str, Any]) -> bool:
         result = self.evaluator(state.weights) if self.evaluator is not None else None
         record = {"round": partial["round"], **eval_record(result),
                   **{k: v for k, v in partial.items() if k != "round"}}
         version = state.version
         save = version % self.config.save_every == 0 or version >= self.config.rounds
-        self.store.commit_round(record, state.weights if save else None, {})
+        arrays, metadata = checkpoint_of(state) if save else (None, None)
+        self.store.commit_round(record, arrays, {}, metadata=metadata)
         with self._lock:
             self._pending.pop(0)
             self.fed_eval.hold(version, record)
@@ -532,7 +526,8 @@ class SyncCoordinator:
                 "received": len(rnd.received) if rnd is not None else 0,
                 "failures": self.failures[-10:],
                 "short_rounds": self.short_rounds,
-                "min_results": self.config.min_results,
+                "min_results": self.min_results,
+                "strategy": self.strategy.name,
                 "history": [
                     {k: v for k, v in h.items()
                      if k in ("round", "accuracy", "loss") or k.startswith("fed_")}

@@ -23,16 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlearn.config import ServerConfig, from_mapping
+from fedlearn.config import ServerConfig, build_strategy, from_mapping
 from fedlearn.errors import ConfigError, RunStateError
 from fedlearn.fsutil import atomic_write_text
 from fedlearn.runs import RunDir, final_metrics
 from fedlearn.server.store import DB_NAME, Store
 from fedlearn.tasks.base import Task
-from fedlearn.weights import nbytes
+from fedlearn.weights import spec_nbytes
 
 if TYPE_CHECKING:
     from fedlearn.server.async_coordinator import AsyncCoordinator
+    from fedlearn.strategies import Strategy
 
 log = logging.getLogger("fedlearn.server")
 
@@ -116,11 +117,13 @@ def serve(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     device: str = "cpu",
     ready: Callable[[str, str], None] | None = None,
+    strategy: Strategy | None = None,
 ) -> dict[str, Any]:
     """Serve the run until every round is done; returns the summary.
 
-    Safe to call from a thread that runs an asyncio loop (a notebook): the
-    server then runs its own loop in a separate thread.
+    ``strategy`` is the sync run's strategy object (None: the one the run's
+    settings name). Safe to call from a thread that runs an asyncio loop (a
+    notebook): the server then runs its own loop in a separate thread.
     """
     import uvicorn
 
@@ -134,6 +137,10 @@ def serve(
     if (options.tls_cert is None) != (options.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together; pass both or neither.")
     started = time.perf_counter()
+    if config.mode != "sync":
+        strategy = None
+    elif strategy is None:
+        strategy = build_strategy(config)
     trainer = Trainer(task, seed=config.seed, device=device)
     initial = initial_state(task, config.seed)
     evaluable = task.model is not None or task.evaluate is not None
@@ -174,9 +181,14 @@ def serve(
             on_round(record)
 
     coordinator: SyncCoordinator | AsyncCoordinator
-    kind = AsyncCoordinator if config.mode == "async" else SyncCoordinator
-    coordinator = kind(config, initial, store=store, evaluator=evaluator,
-                       train_config=train_config, task_name=task.name, on_round=record_round)
+    if strategy is None:
+        coordinator = AsyncCoordinator(config, initial, store=store, evaluator=evaluator,
+                                       train_config=train_config, task_name=task.name,
+                                       on_round=record_round)
+    else:
+        coordinator = SyncCoordinator(config, initial, strategy=strategy, store=store,
+                                      evaluator=evaluator, train_config=train_config,
+                                      task_name=task.name, on_round=record_round)
     finished_before = resumed and coordinator.done and (run.path / "summary.json").exists()
     if resumed:
         # metrics.jsonl follows the database: rounds (updates) after the checkpoint are
@@ -201,7 +213,7 @@ def serve(
             save_outputs(run, config, coordinator.weights, coordinator.history, started,
                          task.name)
 
-    limit = config.max_update_bytes(nbytes(initial))
+    limit = config.max_update_bytes(spec_nbytes(coordinator.update_spec))
     allowed = read_clients_file(Path(config.clients_file)) if config.clients_file else None
     app = create_app(coordinator, join_token=token, run_id=run_id, on_done=finish,
                      max_update_bytes=limit, docs=options.docs, allowed=allowed)

@@ -15,14 +15,15 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedlearn.errors import FedlearnError, RunStateError
 from fedlearn.fsutil import atomic_write_bytes
 from fedlearn.types import Weights
-from fedlearn.weights import decode, encode, unusable
+from fedlearn.weights import decode, encode, read_metadata, unusable
 
 log = logging.getLogger("fedlearn.server")
 
@@ -59,6 +60,16 @@ class ClientRow:
     client_id: str
     credential_hash: str
     num_examples: int | None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint as read back: its key (round or update count), its arrays and the
+    text metadata of its header."""
+
+    key: int
+    arrays: Weights
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 class Store:
@@ -124,13 +135,16 @@ class Store:
         extra_meta: dict[str, Any],
         *,
         key: int | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         """Record one finished round; with ``weights``, checkpoint them first.
 
         ``record`` needs ``round`` unless ``key`` is given: the number the record
         and the checkpoint are filed under (an async run files them by update
         count, and may checkpoint without a record: ``record`` None).
-        ``extra_meta`` is stored in the same transaction (strategy state, counters).
+        ``extra_meta`` is stored in the same transaction (counters);
+        ``metadata`` goes into the checkpoint file's header (a sync run's
+        strategy state, whose arrays are ``weights``).
         """
         if key is None:
             if record is None:
@@ -142,7 +156,7 @@ class Store:
             bad = unusable(weights)
             if bad is not None:
                 raise RunStateError(f"refusing to checkpoint version {version}: {bad}.")
-            data = encode(weights)
+            data = encode(weights, metadata)
             atomic_write_bytes(self._checkpoint_path(version), data)
             kept = self.get_meta("checksums", {}) or {}
             newest = sorted(kept, key=int)[-1:]
@@ -204,7 +218,13 @@ class Store:
             return int(cur.rowcount)
 
     def latest_checkpoint(self) -> tuple[int, Weights] | None:
-        """(key, weights) of the newest good checkpoint, or None before the first.
+        """(key, arrays) of the newest good checkpoint, or None before the first
+        (see :meth:`load_checkpoint`)."""
+        found = self.load_checkpoint()
+        return None if found is None else (found.key, found.arrays)
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        """The newest good checkpoint, or None before the first.
 
         The key is the round for a sync run and the update count for an async one.
         Each checkpoint's SHA-256 is in the database: a damaged (truncated,
@@ -232,12 +252,13 @@ class Store:
                 continue
             try:
                 weights = decode(data, max_bytes=1 << 40)
+                metadata = read_metadata(data)
             except FedlearnError as exc:
                 problems.append(f"{path} is damaged ({exc})")
                 continue
             for problem in problems:
                 log.warning("%s; resuming from the older checkpoint %s", problem, path.name)
-            return v, weights
+            return Checkpoint(v, weights, metadata)
         raise RunStateError(f"no usable checkpoint: {'; '.join(problems)}; the run directory "
                             "is damaged and cannot be resumed.")
 

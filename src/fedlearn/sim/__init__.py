@@ -1,9 +1,9 @@
 """The in-process simulator: many clients in one process, sequential or vectorized.
 
-:func:`run_simulation` runs the rounds (the same sampling, seeds and FedAvg as
-the HTTP server); an :class:`Engine` trains the sampled clients of a round.
-``sequential`` calls ``local_update`` for each client in turn (any model);
-``vectorized`` trains all of them at once on stacked parameters.
+:func:`run_simulation` runs the rounds (the same sampling, seeds and strategy
+code as the HTTP server); an :class:`Engine` trains the sampled clients of a
+round. ``sequential`` trains each client in turn with the task's trainer (any
+model); ``vectorized`` trains all of them at once on stacked parameters.
 
 Simulated time (:mod:`fedlearn.sim.virtual`): clients with speeds on a virtual
 clock (:mod:`fedlearn.sim.clock`), asynchronous merging with the HTTP server's
@@ -13,10 +13,9 @@ policies, and sync rounds with a virtual deadline (:mod:`fedlearn.sim.deadline`)
 
 from fedlearn.sim.base import ENGINES, ClientTask, ClientUpdate, Engine
 from fedlearn.sim.clock import EventQueue, client_speeds, task_steps
+from fedlearn.sim.config import SimConfig
 from fedlearn.sim.engine import (
-    SimConfig,
     Simulation,
-    aggregate,
     client_ids,
     config_record,
     make_engine,
@@ -37,7 +36,6 @@ __all__ = [
     "SimConfig",
     "Simulation",
     "VectorizedEngine",
-    "aggregate",
     "client_ids",
     "client_speeds",
     "config_record",

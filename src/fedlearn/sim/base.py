@@ -2,8 +2,8 @@
 
 An engine trains the sampled clients of one round, starting from the same
 global weights, and hands back each client's delta and example count; the
-round loop in :mod:`fedlearn.sim.engine` does the rest (sampling, FedAvg,
-evaluation, the run directory). Client data is never copied up front: a
+round loop in :mod:`fedlearn.sim.engine` does the rest (sampling, the
+strategy, evaluation, the run directory). Client data is never copied up front: a
 :class:`ClientTask` holds an index array into the one shared training set.
 """
 
@@ -16,29 +16,45 @@ import numpy as np
 import numpy.typing as npt
 
 from fedlearn.config import TrainConfig
-from fedlearn.types import Weights
+from fedlearn.errors import ConfigError
+from fedlearn.types import ControlVariates, Weights
 
 ENGINES: tuple[str, ...] = ("vectorized", "sequential")
 #: Arithmetic the engines train in: float32, or bfloat16 autocast (``torch.autocast``).
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
+def check_precision(precision: str) -> None:
+    """Raise ConfigError unless ``precision`` is one the engines know."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown --precision {precision!r}; choose one of "
+                          f"{', '.join(PRECISIONS)}.")
+
+
 @dataclass(frozen=True)
 class ClientTask:
-    """One client's work in a round: its id, its rows of the training set, its data seed."""
+    """One client's work in a round: its id, its rows of the training set, its data seed,
+    and SCAFFOLD's control variates when the strategy uses them."""
 
     client_id: str
     indices: npt.NDArray[np.int64]
     seed: int
+    control: ControlVariates | None = None
 
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """One client's result: weights after training minus the weights it started from."""
+    """One client's result: weights after training minus the weights it started from.
+
+    With SCAFFOLD, ``extra["delta_c"]`` goes to the server and ``control`` is the
+    client's new control variate (kept for its next round).
+    """
 
     client_id: str
     delta: Weights
     num_examples: int
+    extra: dict[str, Weights] = field(default_factory=dict)
+    control: Weights | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
 

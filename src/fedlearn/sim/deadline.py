@@ -27,8 +27,10 @@ import numpy.typing as npt
 from fedlearn.errors import ConfigError
 from fedlearn.sim.base import ClientTask
 from fedlearn.sim.clock import client_speeds, task_steps
-from fedlearn.sim.engine import SimConfig, Simulation
+from fedlearn.sim.config import SimConfig
+from fedlearn.sim.engine import Simulation
 from fedlearn.sim.sequential import ScriptEngine
+from fedlearn.strategies import Strategy
 from fedlearn.tasks.base import Task
 
 
@@ -85,9 +87,9 @@ class ClientClock:
 class TimedSimulation(Simulation):
     """A :class:`Simulation` whose rounds run on the virtual clock (see the module doc)."""
 
-    def __init__(self, config: SimConfig, task: Task, *, device: str = "cpu",
-                 log: Callable[[str], None] = print) -> None:
-        super().__init__(config, task, device=device, log=log)
+    def __init__(self, config: SimConfig, task: Task, *, strategy: Strategy | None = None,
+                 device: str = "cpu", log: Callable[[str], None] = print) -> None:
+        super().__init__(config, task, strategy=strategy, device=device, log=log)
         require_rows(self)
         self.clock = ClientClock(self)
         self.now = 0.0

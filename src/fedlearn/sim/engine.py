@@ -6,150 +6,44 @@ the same model: the same initial state (the task's model under the run
 seed), the same client ids (``client-{i}`` holding what the task's data
 function gives client ``i`` of N), the same sample (``sample_clients`` with
 fraction K/N), the same data seeds (``task_seed(seed, round, client_id)``), the
-same round config, and FedAvg over a :class:`~fedlearn.weights.RunningSum` of
-deltas weighted by example counts. Only the training differs, and that is
-the engine's business.
+same round config, and the same strategy, configured and closed by the same
+code (:mod:`fedlearn.rounds`). SCAFFOLD's client control variates are held
+per virtual client in memory. Only the training differs, and that is the
+engine's business. A round whose aggregate is unusable keeps the previous
+model and says why in its record (``failed``).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedlearn.attacks import Attackers, check_attack_config
-from fedlearn.config import TrainConfig
-from fedlearn.data import parse_partition
+from fedlearn.attacks import Attackers
+from fedlearn.config import TrainConfig, build_strategy
 from fedlearn.errors import ConfigError, PartitionError
 from fedlearn.metrics import weighted_means
 from fedlearn.privacy.dpsgd import DPSGD, parse_dp_sgd
+from fedlearn.rounds import RoundFailed, RoundUpdates, close_round, round_config
 from fedlearn.runs import RunDir, final_metrics
 from fedlearn.seeding import task_seed
-from fedlearn.sim.base import ENGINES, PRECISIONS, ClientTask, ClientUpdate, Engine
-from fedlearn.sim.modes import check_modes
+from fedlearn.sim.base import ENGINES, ClientTask, Engine, check_precision
+from fedlearn.sim.config import SimConfig, check_per_round
 from fedlearn.sim.sequential import ScriptEngine, SequentialEngine
 from fedlearn.sim.vectorized import VectorizedEngine, unsupported_reason
-from fedlearn.strategies import make_strategy, sample_clients
+from fedlearn.strategies import Strategy, Update, sample_clients
 from fedlearn.tasks.base import ClientData, Task
-from fedlearn.types import Weights
-from fedlearn.weights import RunningSum
+from fedlearn.types import ControlVariates, Weights
 
 RoundHook = Callable[[dict[str, Any]], None]
 
-
-@dataclass(frozen=True)
-class SimConfig:
-    """What a simulated run is: N clients, K of them sampled per round, R rounds."""
-
-    clients: int = 100
-    per_round: int = 10
-    partition: str = "iid"
-    rounds: int = 10
-    engine: str = "vectorized"
-    dataset: str = "fashion-mnist"
-    model: str = "mlp"
-    task: str = ""
-    data: str | None = None
-    label: str | None = None
-    test_fraction: float = 0.0
-    eval_every: int = 1
-    eval_fraction: float | None = None
-    attack: str = ""
-    attackers: float | None = None
-    strategy: str = "fedavg"
-    server_lr: float = 1.0
-    seed: int = 0
-    max_parallel: int | None = None
-    precision: str = "fp32"
-    dp_sgd: str | None = None
-    dp_delta: float = 1e-5
-    train: TrainConfig = field(default_factory=TrainConfig)
-    # Simulated time (fedlearn.sim.virtual): async merging and sync round deadlines.
-    mode: str = "sync"
-    async_policy: str = "fedasync"
-    async_alpha: float = 0.6
-    staleness_fn: str = "polynomial"
-    max_staleness: int | None = None
-    client_speeds: str = "constant"
-    round_timeout: float | None = None
-    updates: int | None = None
-    concurrency: int | None = None
-    max_virtual_time: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.clients < 1:
-            raise ConfigError(f"--clients must be at least 1, got {self.clients}.")
-        if not 1 <= self.per_round <= self.clients:
-            raise ConfigError(
-                f"--per-round must be between 1 and --clients ({self.clients}), "
-                f"got {self.per_round}."
-            )
-        if self.rounds < 1:
-            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}.")
-        if self.engine not in ENGINES:
-            raise ConfigError(
-                f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}."
-            )
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be 0 or more, got {self.seed}.")
-        if self.max_parallel is not None and self.max_parallel < 1:
-            raise ConfigError(f"--max-parallel must be at least 1, got {self.max_parallel}.")
-        check_precision(self.precision)
-        from fedlearn.privacy.dpsgd import parse_dp_sgd
-
-        parse_dp_sgd(self.dp_sgd, self.dp_delta)
-        if self.eval_every < 1:
-            raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}.")
-        if self.eval_fraction is not None and not 0 < self.eval_fraction <= 1:
-            raise ConfigError(f"--eval-fraction must be in (0, 1], got {self.eval_fraction}.")
-        try:
-            spec = parse_partition(self.partition)
-        except PartitionError as exc:
-            raise ConfigError(f"--partition: {exc}") from None
-        if spec.part is not None:
-            raise ConfigError(
-                f"--partition {self.partition} names one part; give the whole split "
-                "(iid, dirichlet:A or shards:K) and the simulator hands out the parts."
-            )
-        make_strategy(self.strategy, server_lr=self.server_lr)
-        # --attack without --attackers: the default share, written down as resolved.
-        object.__setattr__(self, "attackers",
-                           check_attack_config(self.attack, self.attackers, self.clients))
-        if _sample_size(self.clients, self.per_round) != self.per_round:
-            raise ConfigError(  # pragma: no cover - ceil(K/N * N) is K for any sane N
-                f"--per-round {self.per_round} of {self.clients} clients cannot be "
-                "expressed as a sampling fraction; pick another --per-round."
-            )
-        check_modes(self)
-
-    @property
-    def fraction(self) -> float:
-        """The share of clients sampled per round, as the HTTP server's --fraction."""
-        return self.per_round / self.clients
-
-    @property
-    def in_flight(self) -> int:
-        """Async: clients training at once (``concurrency``, by default ``per_round``)."""
-        return self.concurrency if self.concurrency is not None else self.per_round
-
-    @property
-    def virtual(self) -> bool:
-        """Whether the run needs the virtual clock (async, a round deadline or speeds)."""
-        return (self.mode == "async" or self.round_timeout is not None
-                or self.client_speeds != "constant" or self.max_virtual_time is not None)
-
-
-def _sample_size(clients: int, per_round: int) -> int:
-    """How many clients ``sample_clients`` picks for fraction K/N (as it computes it)."""
-    return min(clients, max(1, math.ceil(per_round / clients * clients - 1e-9)))
 
 
 def model_task(model: nn.Module) -> Task:
@@ -216,13 +110,6 @@ def make_engine(
     return SequentialEngine(trainer, x, y)
 
 
-def check_precision(precision: str) -> None:
-    """Raise ConfigError unless ``precision`` is one the engines know."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown --precision {precision!r}; choose one of "
-                          f"{', '.join(PRECISIONS)}.")
-
-
 def _vectorized_reason(task: Task, trainer: Any) -> str | None:
     """Why the stacked engines cannot train ``task`` (None when they can try)."""
     if task.train is not None or task.optimizer is not None:
@@ -241,17 +128,10 @@ def client_ids(clients: int) -> list[str]:
     return [f"client-{i}" for i in range(clients)]
 
 
-def aggregate(updates: list[ClientUpdate]) -> RunningSum:
-    """The deltas of a round folded into a RunningSum weighted by examples, by sorted id."""
-    sums = RunningSum()
-    for update in sorted(updates, key=lambda u: u.client_id):
-        sums.add(update.delta, float(update.num_examples))
-    return sums
-
-
 class Simulation:
-    """A simulated run held in memory: clients' data, engine and global model, round by round.
+    """A simulated run held in memory: clients' data, engine, strategy and its state.
 
+    ``strategy`` is the run's strategy object (None: the one ``config`` names).
     ``log`` hears the one-line notice of an engine fallback.
     """
 
@@ -260,6 +140,7 @@ class Simulation:
         config: SimConfig,
         task: Task,
         *,
+        strategy: Strategy | None = None,
         device: str = "cpu",
         log: Callable[[str], None] = print,
     ) -> None:
@@ -270,9 +151,11 @@ class Simulation:
         self.task = task
         self.ids = client_ids(config.clients)
         self.train_config = config.train
-        self.state = make_strategy(config.strategy, server_lr=config.server_lr).init(
-            initial_state(task, config.seed))
-        self.strategy = make_strategy(config.strategy, server_lr=config.server_lr)
+        self.strategy = strategy if strategy is not None else build_strategy(config)
+        check_per_round(self.strategy, config.per_round)
+        self.state = self.strategy.init(initial_state(task, config.seed))
+        #: SCAFFOLD: each virtual client's own control variate (from its first round)
+        self.controls: dict[str, Weights] = {}
         self.test_shards: dict[str, Shard] = {}
         #: The largest DP-SGD ε any client has spent so far (0 without --dp-sgd).
         self.dp_sgd_epsilon = 0.0
@@ -295,7 +178,9 @@ class Simulation:
                 if p.test is not None and len(p.test):
                     self.test_shards[cid] = Shard.of(p.test)
             pool = Shard.from_numpy(xs, ys)
-            self.engine = make_engine(config.engine, task, pool.x, pool.y, config.train,
+            # The engine is chosen for the rounds' config (FedProx's term, SCAFFOLD's steps).
+            first = round_config(self.strategy, self.state, config.train, 1)
+            self.engine = make_engine(config.engine, task, pool.x, pool.y, first,
                                       seed=config.seed, device=device,
                                       max_parallel=config.max_parallel,
                                       precision=config.precision,
@@ -338,24 +223,41 @@ class Simulation:
         sampled = sample_clients(
             self.ids, config.fraction, seed=config.seed, round_number=rnd, attempt=0, minimum=1
         )
+        server = self.strategy.client_arrays(self.state).get("c")
         return [
-            ClientTask(cid, self.rows[cid], task_seed(config.seed, rnd, cid)) for cid in sampled
+            ClientTask(cid, self.rows[cid], task_seed(config.seed, rnd, cid),
+                       None if server is None else ControlVariates(server, self.controls.get(
+                           cid) or {k: np.zeros_like(v) for k, v in server.items()}))
+            for cid in sampled
         ]
 
     def run_round(self, rnd: int) -> dict[str, Any]:
-        """Round ``rnd`` (1-based): sample, train, FedAvg, evaluate; its metrics record."""
+        """Round ``rnd`` (1-based): sample, train, aggregate, evaluate; its metrics record."""
+        config = self.config
         t0 = time.perf_counter()
         tasks = self.round_tasks(rnd)
         t1 = time.perf_counter()
-        updates = self.engine.train_round(self.state.weights, tasks, self.train_config)
+        round_cfg = round_config(self.strategy, self.state, self.train_config, rnd)
+        updates = self.engine.train_round(self.state.weights, tasks, round_cfg)
         train_seconds = time.perf_counter() - t1
         if self.attackers.active:
             seeds = {t.client_id: t.seed for t in tasks}
             updates = [replace(u, delta=self.attackers.delta(u.client_id, u.delta,
                                                              seeds[u.client_id]))
                        for u in updates]
-        self.state = self.strategy.apply(self.state, aggregate(updates))
+        collected = RoundUpdates(self.strategy)
+        for u in sorted(updates, key=lambda u: u.client_id):
+            collected.add(Update(u.delta, u.num_examples, u.extra, u.client_id))
         record: dict[str, Any] = {"round": rnd}
+        try:
+            self.state = close_round(self.strategy, self.state, collected,
+                                     num_clients=config.clients)
+        except RoundFailed as exc:
+            record["failed"] = str(exc)
+        else:
+            for u in updates:
+                if u.control is not None:
+                    self.controls[u.client_id] = u.control
         if self.test is not None and self.evaluator is not None:
             record.update(self.evaluator.evaluate(self.state.weights, self.test).metrics)
         record.update(self._federated_eval(rnd))
@@ -417,8 +319,11 @@ def run_simulation(
     on_round: RoundHook | None = None,
     log: Callable[[str], None] = print,
     device: str = "cpu",
+    strategy: Strategy | None = None,
 ) -> dict[str, Any]:
     """Simulate ``config.rounds`` rounds of ``task`` in this process, writing ``run``.
+
+    ``strategy`` is the run's strategy object (None: the one ``config`` names).
 
     Each round appends {round, loss and the task's metrics (server test data),
     fed_* (clients' own test data), seconds, train_seconds, clients, examples}
@@ -429,9 +334,10 @@ def run_simulation(
     if config.virtual:
         from fedlearn.sim.virtual import run_virtual
 
-        return run_virtual(config, task, run, on_round=on_round, log=log, device=device)
+        return run_virtual(config, task, run, on_round=on_round, log=log, device=device,
+                           strategy=strategy)
     started = time.perf_counter()
-    sim = Simulation(config, task, device=device, log=log)
+    sim = Simulation(config, task, strategy=strategy, device=device, log=log)
     announce_attackers(sim, run, log)
     history: list[dict[str, Any]] = []
     try:

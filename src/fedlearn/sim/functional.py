@@ -22,6 +22,11 @@ group, and the optimizer then steps all of them at once. Running statistics
 (and ``num_batches_tracked``) are per client, updated in place in the stacked
 buffers.
 
+FedProx's ``mu/2 ||w - w_start||^2`` (``config.prox_mu``) is part of each
+client's objective; SCAFFOLD's ``c - c_i`` (a task's ``control``) is added
+to each client's gradient before the step, and each client's new ``c_i`` and
+``delta_c`` are computed from its own step count, as the sequential engine does.
+
 A model whose forward branches on tensor values, draws random numbers
 (dropout) or has non-float parameters cannot be stacked this way;
 :func:`functional_unsupported_reason` says so in one line.
@@ -50,6 +55,7 @@ from fedlearn.sim.stacked import (
     state_bytes,
 )
 from fedlearn.sim.vectorized import make_schedule
+from fedlearn.strategies.scaffold import DELTA_C, control_update, correction
 from fedlearn.training import autocast
 from fedlearn.types import Weights
 from fedlearn.weights import subtract
@@ -61,14 +67,6 @@ Tensors = dict[str, Tensor]
 def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     """Per-sample cross-entropy (shape [B]): the default loss."""
     return nn.functional.cross_entropy(outputs, targets, reduction="none")
-
-
-def prox_mu(config: TrainConfig) -> float:
-    """FedProx's ``mu``: ``config.prox_mu`` if the config has one, else ``extra["prox_mu"]``."""
-    mu = getattr(config, "prox_mu", None)
-    if mu is None:
-        mu = config.extra.get("prox_mu", 0.0)
-    return float(mu)
 
 
 class FunctionalEngine:
@@ -163,7 +161,15 @@ class FunctionalEngine:
                 new = {k: state[self.canonical[k]] for k in self.state_spec}
                 # numpy turns 0-d differences into scalars; keep them 0-d arrays.
                 delta = {k: np.asarray(v) for k, v in subtract(new, weights).items()}
-                out[i] = ClientUpdate(clients[i].client_id, delta, len(clients[i].indices))
+                control = clients[i].control
+                sent: dict[str, Weights] = {}
+                kept = None
+                if control is not None:
+                    kept, sent[DELTA_C] = control_update(
+                        control.client, control.server, weights, new,
+                        steps=max(1, steps[i] * config.epochs), lr=config.lr)
+                out[i] = ClientUpdate(clients[i].client_id, delta, len(clients[i].indices),
+                                      sent, kept)
         return [u for u in out if u is not None]
 
     def _client_bytes(self, start: Tensors, config: TrainConfig) -> int:
@@ -185,12 +191,16 @@ class FunctionalEngine:
             buffers = {n: start[n].expand(k, *start[n].shape).clone() for n in self.buffers}
             frozen = {n: start[n] for n in self.frozen}
             anchor = {n: start[n] for n in self.trainable}
-            steps = _Steps(self, params, buffers, frozen, anchor, prox_mu(config))
+            steps = _Steps(self, params, buffers, frozen, anchor, config.prox_mu)
             opt = StackedOptimizer(list(params.values()), config)
             rows, scale = plan.rows.to(self.device), plan.scale.to(self.device)
             counts = (plan.scale > 0).sum(2).numpy()
+            shift = self._corrections([chunk[int(ci)] for ci in plan.order], start)
             for s, a in enumerate(plan.active):
-                opt.step(a, steps.grads(rows[s, :a], scale[s, :a], counts[s, :a]))
+                grads = steps.grads(rows[s, :a], scale[s, :a], counts[s, :a])
+                for g, c in zip(grads, shift, strict=False):
+                    g.add_(c[:a])
+                opt.step(a, grads)
             stacked = {n: t.cpu().numpy() for n, t in chain(params.items(), buffers.items())}
         fixed = {n: start[n].cpu().numpy() for n in self.frozen}
         states: list[dict[str, npt.NDArray[Any]]] = [{} for _ in chunk]
@@ -198,6 +208,20 @@ class FunctionalEngine:
             # v[slot, ...] keeps a 0-d entry a 0-d array.
             states[ci] = {**fixed, **{n: v[slot, ...] for n, v in stacked.items()}}
         return states
+
+
+    def _corrections(self, slots: list[ClientTask], start: Tensors) -> list[Tensor]:
+        """SCAFFOLD's ``c - c_i`` stacked by slot, per trainable parameter (none without
+        control variates)."""
+        if all(task.control is None for task in slots):
+            return []
+        per_client = [None if t.control is None else correction(t.control.server,
+                                                                 t.control.client)
+                      for t in slots]
+        return [torch.stack([torch.zeros_like(start[n]) if c is None else
+                             torch.from_numpy(c[n]).to(dtype=start[n].dtype,
+                                                       device=self.device)
+                             for c in per_client]) for n in self.trainable]
 
 
 class _Steps:

@@ -57,9 +57,10 @@ class SequentialEngine:
                 from fedlearn.privacy.dpsgd import DPLedger
 
                 ledger = self.ledgers.setdefault(task.client_id, DPLedger())
-            result = self.trainer.fit(weights, shard, config, seed=task.seed, ledger=ledger)
+            result = self.trainer.fit(weights, shard, config, seed=task.seed,
+                                      control=task.control, ledger=ledger)
             out.append(ClientUpdate(task.client_id, result.delta, result.num_examples,
-                                    result.metrics))
+                                    result.extra, result.control, result.metrics))
         return out
 
 
@@ -90,7 +91,8 @@ class ScriptEngine:
         """Each sampled client's script trains from ``weights``, one after another."""
         out = []
         for task in clients:
-            result = self._client(task.client_id).fit(weights, config, seed=task.seed)
+            result = self._client(task.client_id).fit(weights, config, seed=task.seed,
+                                                      control=task.control)
             out.append(ClientUpdate(task.client_id, result.delta, result.num_examples))
         return out
 

@@ -56,6 +56,8 @@ def unsupported_reason(model: nn.Module, config: TrainConfig) -> str | None:
         return "it only trains float32 parameters"
     if config.optimizer not in ("sgd", "adam"):
         return f"it does not implement the {config.optimizer} optimizer"
+    if config.prox_mu > 0 or config.scaffold:
+        return "its hand-written steps have no FedProx term or SCAFFOLD correction"
     return None
 
 
@@ -129,6 +131,9 @@ class VectorizedEngine:
         Chunks of at most ``max_parallel`` clients take them by descending step
         count, so each chunk's clients finish close together.
         """
+        if config.prox_mu > 0 or any(c.control is not None for c in clients):
+            raise ValueError("the mlp engine has no FedProx term or SCAFFOLD correction; "
+                             "make_engine picks another engine for such rounds")
         size = self.max_parallel or len(clients)
         if size >= len(clients):
             return self._train_chunk(weights, clients, config)

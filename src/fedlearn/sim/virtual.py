@@ -44,9 +44,12 @@ from fedlearn.runs import RunDir, final_metrics
 from fedlearn.seeding import derive_seed, rng_for
 from fedlearn.sim.base import ClientTask, ClientUpdate
 from fedlearn.sim.clock import EventQueue
+from fedlearn.sim.config import SimConfig
 from fedlearn.sim.deadline import ClientClock, TimedSimulation, require_rows
-from fedlearn.sim.engine import SimConfig, Simulation, _finish, announce_attackers
-from fedlearn.strategies.async_policies import AsyncState, make_policy
+from fedlearn.sim.engine import Simulation, _finish, announce_attackers
+from fedlearn.sim.modes import async_policy
+from fedlearn.strategies import Strategy
+from fedlearn.strategies.async_policies import AsyncState
 from fedlearn.tasks.base import Task
 from fedlearn.types import Weights
 
@@ -87,8 +90,7 @@ class AsyncSimulation:
         self.sim = Simulation(config, task, device=device, log=log)
         require_rows(self.sim)
         self.clock = ClientClock(self.sim)
-        self.policy = make_policy(config.async_policy, alpha=config.async_alpha,
-                                  staleness_fn=config.staleness_fn, server_lr=config.server_lr)
+        self.policy = async_policy(config)
         self.state = AsyncState(weights={k: v.copy() for k, v in self.sim.weights.items()})
         self.now = 0.0
         self.staleness: list[int] = []
@@ -219,18 +221,20 @@ def run_virtual(
     on_progress: Callable[[int, float], None] | None = None,
     log: Callable[[str], None] = print,
     device: str = "cpu",
+    strategy: Strategy | None = None,
 ) -> dict[str, Any]:
     """Simulate ``task`` in virtual time (async, or sync with speeds and a deadline).
 
     Writes ``run`` like :func:`~fedlearn.sim.engine.run_simulation` (records
     with ``virtual_time`` and, async, ``staleness_*``; sync, ``dropped``);
     ``report.png`` plots accuracy against virtual time. ``on_round`` hears each
-    record, ``on_progress`` (updates or rounds done, virtual time) each step.
+    record, ``on_progress`` (updates or rounds done, virtual time) each step;
+    ``strategy`` is a sync run's strategy object (None: the one ``config`` names).
     Returns the summary.
     """
     if config.mode == "async":
         return _run_async(config, task, run, on_round, on_progress, log, device)
-    return _run_sync(config, task, run, on_round, on_progress, log, device)
+    return _run_sync(config, task, run, on_round, on_progress, log, device, strategy)
 
 
 def _run_async(config: SimConfig, task: Task, run: RunDir, on_round: Hook | None,
@@ -273,9 +277,10 @@ def _run_async(config: SimConfig, task: Task, run: RunDir, on_round: Hook | None
 
 def _run_sync(config: SimConfig, task: Task, run: RunDir, on_round: Hook | None,
               on_progress: Callable[[int, float], None] | None,
-              log: Callable[[str], None], device: str) -> dict[str, Any]:
+              log: Callable[[str], None], device: str,
+              strategy: Strategy | None) -> dict[str, Any]:
     started = time.perf_counter()
-    sim = TimedSimulation(config, task, device=device, log=log)
+    sim = TimedSimulation(config, task, strategy=strategy, device=device, log=log)
     announce_attackers(sim, run, log)
     history: list[dict[str, Any]] = []
     limit = config.max_virtual_time

@@ -42,25 +42,30 @@ nearest integer (:func:`~fedlearn.strategies.base.integer_mean`).
 """
 
 from fedlearn.strategies.base import ServerState, Update, state_from_arrays, state_to_arrays
-from fedlearn.strategies.fedavg import FedAvg, StrategyState, make_strategy
-from fedlearn.strategies.robust import NotEnoughUpdatesError
+from fedlearn.strategies.robust import AggregationRule, NotEnoughUpdatesError, Rule
 from fedlearn.strategies.sampling import sample_clients
-from fedlearn.strategies.spec import STRATEGIES, STRATEGY_TABLE, StrategyRow, parse_strategy
+from fedlearn.strategies.spec import (
+    STRATEGIES,
+    STRATEGY_TABLE,
+    StrategyRow,
+    parse_strategy,
+    spec_options,
+)
 from fedlearn.strategies.strategy import Strategy
 
 __all__ = [
     "STRATEGIES",
     "STRATEGY_TABLE",
-    "FedAvg",
+    "AggregationRule",
     "NotEnoughUpdatesError",
+    "Rule",
     "ServerState",
     "Strategy",
     "StrategyRow",
-    "StrategyState",
     "Update",
-    "make_strategy",
     "parse_strategy",
     "sample_clients",
+    "spec_options",
     "state_from_arrays",
     "state_to_arrays",
 ]

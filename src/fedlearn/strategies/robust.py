@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -226,6 +227,35 @@ def clip_norm(delta: Weights, c: float) -> tuple[Weights, float]:
     return out, norm
 
 
+@runtime_checkable
+class AggregationRule(Protocol):
+    """What a :class:`~fedlearn.strategies.strategy.Strategy` needs from its rule.
+
+    :class:`Rule` is the built-in one; a user's own rule is any object with
+    these members (see the README, "Write your own strategy").
+    """
+
+    @property
+    def spec(self) -> str:
+        """The rule as written in a strategy spec."""
+        ...
+
+    @property
+    def streams(self) -> bool:
+        """True only for the example-weighted mean (a RunningSum suffices)."""
+        ...
+
+    @property
+    def min_updates(self) -> int:
+        """The fewest updates a round must have for this rule."""
+        ...
+
+    def apply(self, updates: Sequence[Update]) -> Weights:
+        """The aggregated delta of ``updates`` (new arrays; integer arrays by the
+        integer mean)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Rule:
     """One aggregation rule with its parameters, as a frozen value.
@@ -260,6 +290,16 @@ class Rule:
     def streams(self) -> bool:
         """Whether the rule can be folded into an example-weighted RunningSum."""
         return self.kind == "mean" and self.weighted
+
+    @property
+    def min_updates(self) -> int:
+        """The fewest updates a round needs: ``2f+3`` for Krum (and at least ``m`` for
+        multi-Krum), ``4f+3`` for Bulyan, else 1."""
+        if self.kind in ("krum", "multi-krum"):
+            return max(2 * self.f + 3, self.m)
+        if self.kind == "bulyan":
+            return 4 * self.f + 3
+        return 1
 
     def apply(self, updates: Sequence[Update]) -> Weights:
         """The aggregated delta of ``updates`` under this rule."""

@@ -53,6 +53,13 @@ def corrected_gradient(grad: Mapping[str, np.ndarray], c_i: Mapping[str, np.ndar
     return out
 
 
+def correction(c: Mapping[str, np.ndarray], c_i: Mapping[str, np.ndarray]) -> Weights:
+    """``c - c_i`` for each array of ``c``, in ``c``'s dtypes: what a local step adds to
+    the gradient (:func:`corrected_gradient` is ``g`` plus this)."""
+    return {k: cast(np.asarray(v, np.float64) - np.asarray(c_i[k], np.float64),
+                    np.asarray(v).dtype) for k, v in c.items()}
+
+
 def control_update(c_i: Mapping[str, np.ndarray], c: Mapping[str, np.ndarray],
                    x: Mapping[str, np.ndarray], y: Mapping[str, np.ndarray], *,
                    steps: int, lr: float) -> tuple[Weights, Weights]:

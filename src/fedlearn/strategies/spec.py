@@ -8,11 +8,12 @@ option is a :class:`~fedlearn.errors.ConfigError` of one sentence.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 from fedlearn.errors import ConfigError
 from fedlearn.strategies import server_opt
-from fedlearn.strategies.robust import Rule
+from fedlearn.strategies.robust import AggregationRule, Rule
 from fedlearn.strategies.server_opt import ServerOptimizer
 from fedlearn.strategies.strategy import Strategy
 
@@ -75,32 +76,57 @@ _FLAG_PRESETS = {
 }
 
 
-def _rule(text: str, spec: str) -> Rule:
-    name, *args = text.split(":")
-    if name == "median":
-        if args:
-            raise ConfigError(f"median takes no parameter in {spec!r}; write median.")
-        return Rule("median")
-    if name == "trimmed-mean":
-        beta = _number(args[0]) if len(args) == 1 else None
-        if beta is None or not 0.0 <= beta < 0.5:
-            raise ConfigError(f"trimmed-mean in {spec!r} needs the fraction BETA in [0, 0.5) "
-                              "to cut from each end, e.g. trimmed-mean:0.1.")
-        return Rule("trimmed-mean", beta=beta)
-    if name in ("krum", "bulyan"):
+def _median(args: list[str], spec: str) -> Rule:
+    if args:
+        raise ConfigError(f"median takes no parameter in {spec!r}; write median.")
+    return Rule("median")
+
+
+def _trimmed_mean(args: list[str], spec: str) -> Rule:
+    beta = _number(args[0]) if len(args) == 1 else None
+    if beta is None or not 0.0 <= beta < 0.5:
+        raise ConfigError(f"trimmed-mean in {spec!r} needs the fraction BETA in [0, 0.5) "
+                          "to cut from each end, e.g. trimmed-mean:0.1.")
+    return Rule("trimmed-mean", beta=beta)
+
+
+def _byzantine(name: str) -> Callable[[list[str], str], Rule]:
+    def parse(args: list[str], spec: str) -> Rule:
         f = _count(args[0]) if len(args) == 1 else None
         if f is None:
             raise ConfigError(f"{name} in {spec!r} needs F, the whole number of Byzantine "
                               f"clients to tolerate (0 or more), e.g. {name}:1.")
         return Rule(name, f=f)
-    if name == "multi-krum":
-        f, m = (_count(args[0]), _count(args[1])) if len(args) == 2 else (None, None)
-        if f is None or m is None or m < 1:
-            raise ConfigError(f"multi-krum in {spec!r} needs F (Byzantine clients, 0 or more) "
-                              "and M (updates to average, 1 or more), e.g. multi-krum:1:3.")
-        return Rule("multi-krum", f=f, m=m)
-    raise ConfigError(f"unknown robust rule {text!r} in {spec!r}; choose one of "
-                      f"{', '.join(ROBUST_RULES)}.")
+    return parse
+
+
+def _multi_krum(args: list[str], spec: str) -> Rule:
+    f, m = (_count(args[0]), _count(args[1])) if len(args) == 2 else (None, None)
+    if f is None or m is None or m < 1:
+        raise ConfigError(f"multi-krum in {spec!r} needs F (Byzantine clients, 0 or more) "
+                          "and M (updates to average, 1 or more), e.g. multi-krum:1:3.")
+    return Rule("multi-krum", f=f, m=m)
+
+
+#: The registry of robust rules: spec name -> parser of its ``:``-separated parameters.
+#: A new rule is one module (an object with the members of ``AggregationRule``) plus
+#: one line here (and a row in :data:`STRATEGY_TABLE`).
+RULE_PARSERS: dict[str, Callable[[list[str], str], AggregationRule]] = {
+    "median": _median,
+    "trimmed-mean": _trimmed_mean,
+    "krum": _byzantine("krum"),
+    "multi-krum": _multi_krum,
+    "bulyan": _byzantine("bulyan"),
+}
+
+
+def _rule(text: str, spec: str) -> AggregationRule:
+    name, *args = text.split(":")
+    parser = RULE_PARSERS.get(name)
+    if parser is None:
+        raise ConfigError(f"unknown robust rule {text!r} in {spec!r}; choose one of "
+                          f"{', '.join(ROBUST_RULES)}.")
+    return parser(args, spec)
 
 
 def _number(text: str) -> float | None:
@@ -192,7 +218,7 @@ def parse_strategy(spec: str, *, server_lr: float | None = None,
                               "delta may have, e.g. --clip-norm 1.0.")
         return Strategy(name=text, optimizer=_optimizer("sgd", **opts), clip=clip_norm,
                         prox_mu=prox_mu)
-    if text.split(":")[0] in ("median", "trimmed-mean", "krum", "multi-krum", "bulyan"):
+    if text.split(":")[0] in RULE_PARSERS:
         rule = _rule(text, spec)
         return Strategy(name=rule.spec, rule=rule, optimizer=_optimizer("sgd", **opts),
                         clip=clip_norm, prox_mu=prox_mu)
@@ -203,3 +229,29 @@ def _mu(preset: str, prox_mu: float | None) -> float | None:
     if prox_mu is None and preset == "fedprox":
         return PROX_MU
     return prox_mu
+
+
+def spec_options(strategy: Strategy) -> dict[str, float] | None:
+    """The options that, with ``strategy.name`` as the spec, make :func:`parse_strategy`
+    build an equal strategy; None when no spec describes it (a user's own rule or class).
+
+    Used to record a strategy given as a Python object in a run's ``config.toml``.
+    """
+    if type(strategy) is not Strategy:
+        return None
+    opt = strategy.optimizer
+    options: dict[str, float | None] = {"server_lr": opt.lr, "clip_norm": strategy.clip,
+                                        "prox_mu": strategy.prox_mu}
+    if opt.kind == "avgm":
+        options["server_momentum"] = opt.momentum
+    if opt.kind in ("adam", "yogi", "adagrad"):
+        options.update(beta1=opt.beta1, tau=opt.tau)
+    if opt.kind in ("adam", "yogi"):
+        options["beta2"] = opt.beta2
+    try:
+        again = parse_strategy(strategy.name, **options)
+    except ConfigError:
+        return None
+    if again != strategy:
+        return None
+    return {k: v for k, v in options.items() if v is not None}

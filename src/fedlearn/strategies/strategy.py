@@ -28,7 +28,7 @@ from fedlearn.strategies.base import (
     copy_weights,
     is_float,
 )
-from fedlearn.strategies.robust import Rule, clip_norm
+from fedlearn.strategies.robust import AggregationRule, Rule, clip_norm
 from fedlearn.strategies.scaffold import CONTROL, DELTA_C, init_control, server_control_update
 from fedlearn.strategies.server_opt import OptState, ServerOptimizer
 from fedlearn.types import Weights
@@ -49,6 +49,8 @@ def _opt_group(moment: str) -> str:
 class Strategy:
     """A strategy configuration; all state lives in :class:`ServerState`.
 
+    ``rule`` is a :class:`~fedlearn.strategies.robust.Rule` or any object
+    with the members of :class:`~fedlearn.strategies.robust.AggregationRule`;
     ``clip`` bounds each client delta's global L2 norm before the rule;
     ``prox_mu`` is sent to clients as FedProx's proximal coefficient;
     ``scaffold`` adds SCAFFOLD's control variates (the rule must then be the
@@ -56,7 +58,7 @@ class Strategy:
     """
 
     name: str
-    rule: Rule = field(default_factory=Rule)
+    rule: AggregationRule = field(default_factory=Rule)
     optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
     clip: float | None = None
     prox_mu: float | None = None
@@ -67,8 +69,12 @@ class Strategy:
             raise ValueError(f"clip norm must be positive, got {self.clip}")
         if self.prox_mu is not None and not (np.isfinite(self.prox_mu) and self.prox_mu >= 0):
             raise ValueError(f"prox_mu must be 0 or more, got {self.prox_mu}")
-        if self.scaffold and (self.rule.kind != "mean" or self.optimizer.kind != "sgd"):
+        plain_mean = isinstance(self.rule, Rule) and self.rule.kind == "mean"
+        if self.scaffold and (not plain_mean or self.optimizer.kind != "sgd"):
             raise ValueError("scaffold combines with the plain mean and sgd only")
+        if not isinstance(self.rule, AggregationRule):
+            raise ValueError(f"strategy {self.name!r}: its rule needs spec, streams, "
+                             "min_updates and apply(updates)")
 
     @property
     def needs_all(self) -> bool:
@@ -79,6 +85,11 @@ class Strategy:
         (memory: one model) and calls :meth:`aggregate_sum`.
         """
         return not self.rule.streams or self.clip is not None or self.scaffold
+
+    @property
+    def min_updates(self) -> int:
+        """The fewest updates a round needs (Krum's ``2f+3``, Bulyan's ``4f+3``; else 1)."""
+        return max(1, int(self.rule.min_updates))
 
     def init(self, weights: Weights) -> ServerState:
         """The state before round 1: a copy of ``weights`` and fresh optimizer/SCAFFOLD state."""
