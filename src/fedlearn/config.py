@@ -229,6 +229,11 @@ class ServerConfig:
     max_updates: int | None = None
     max_seconds: float | None = None
     eval_every: int = 1
+    dp_noise_multiplier: float | None = None
+    dp_clip: str | None = None
+    dp_clip_on: str = "server"
+    dp_delta: float | None = None
+    dp_target_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -246,6 +251,9 @@ class ServerConfig:
         if self.save_every < 1:
             raise ConfigError(f"--save-every must be at least 1, got {self.save_every}.")
         check_strategy(self)
+        if self.dp_noise_multiplier is not None and self.mode != "sync":
+            raise ConfigError("--dp-noise-multiplier (DP-FedAvg) applies to --mode sync.")
+        privacy_budget(self, "fixed")
         if self.max_update_mb is not None and not self.max_update_mb > 0:
             raise ConfigError(f"max_update_mb must be positive, got {self.max_update_mb}.")
         if self.max_update_norm is not None and not (
@@ -346,7 +354,63 @@ def build_strategy(config: Any) -> Strategy:
         raise ConfigError(f"the strategy {spec[len(OBJECT_PREFIX):]!r} of this run was a "
                           "Python object; pass it again through the Python API "
                           "(strategy=...), as it cannot be rebuilt from config.toml.")
-    return parse_strategy(spec, **{k: getattr(config, k) for k in STRATEGY_OPTIONS})
+    strategy = parse_strategy(spec, **{k: getattr(config, k) for k in STRATEGY_OPTIONS})
+    dp = private_mean(config)
+    if dp is None:
+        return strategy
+    try:
+        return dataclasses.replace(strategy, dp=dp)
+    except ValueError as exc:
+        raise ConfigError(f"--dp-noise-multiplier with --strategy {spec}: {exc}.") from None
+
+
+def _population(config: Any) -> tuple[int, int]:
+    """(N, K): the run's clients and those sampled per round, as DP-FedAvg counts them.
+
+    The simulator's N and K are its --clients and --per-round (K is then the
+    *expected* number under Poisson sampling); the server's N is --min-clients
+    (a DP run admits no more) and K what ``sample_clients`` picks of N.
+    """
+    if hasattr(config, "per_round"):
+        return int(config.clients), int(config.per_round)
+    n = int(config.min_clients)
+    k = min(n, max(int(config.min_results), math.ceil(config.fraction * n - 1e-9)))
+    return n, k
+
+
+def private_mean(config: Any) -> Any:
+    """The DP-FedAvg layer (:class:`~fedlearn.privacy.dpfedavg.DPFedAvg`) the settings ask
+    for, or None without ``--dp-noise-multiplier``."""
+    z = getattr(config, "dp_noise_multiplier", None)
+    if z is None:
+        if getattr(config, "dp_clip", None) is not None or getattr(
+                config, "dp_target_epsilon", None) is not None:
+            raise ConfigError("--dp-clip and --dp-target-epsilon need --dp-noise-multiplier Z "
+                              "(user-level DP-FedAvg).")
+        return None
+    from fedlearn.privacy.dpfedavg import DPFedAvg, parse_dp_clip
+
+    if config.dp_clip is None:
+        raise ConfigError("--dp-noise-multiplier needs --dp-clip C (a clip norm) or --dp-clip "
+                          "adaptive:QUANTILE.")
+    clip, adaptive = parse_dp_clip(str(config.dp_clip))
+    _, k = _population(config)
+    return DPFedAvg(noise_multiplier=float(z), expected_clients=float(k), seed=int(config.seed),
+                    clip=clip, adaptive=adaptive, clip_on=str(config.dp_clip_on))
+
+
+def privacy_budget(config: Any, sampling: str) -> Any:
+    """The :class:`~fedlearn.privacy.dpfedavg.PrivacyBudget` of a DP-FedAvg run, or None."""
+    dp = private_mean(config)
+    if dp is None:
+        return None
+    from fedlearn.privacy.dpfedavg import PrivacyBudget
+
+    n, k = _population(config)
+    delta = config.dp_delta if config.dp_delta is not None else 1.0 / max(n, 2)
+    return PrivacyBudget(noise_multiplier=dp.noise_multiplier, sampling_rate=k / n,
+                         delta=float(delta), sampling=sampling, num_clients=n,
+                         target_epsilon=config.dp_target_epsilon)
 
 
 def check_strategy(config: Any) -> None:

@@ -84,20 +84,26 @@ def test_robust_rule_under_fedprox_over_http(tmp_path: Path) -> None:
         assert_close(got, simulated(tmp_path, "fedavg", 2, 0), 1e-6)
 
 
-@pytest.mark.parametrize("spec", ["fedadam", "scaffold"])
+DP = ["--dp-noise-multiplier", "0.7", "--dp-clip", "1.0"]
+
+
+@pytest.mark.parametrize(("spec", "extra"), [("fedadam", []), ("scaffold", []),
+                                             ("fedavgm", DP)], ids=["fedadam", "scaffold", "dp"])
 def test_kill9_and_resume_reach_the_uninterrupted_model(tmp_path: Path, procs: Procs,
-                                                        spec: str) -> None:
+                                                        spec: str, extra: list[str]) -> None:
     rounds, seed = 4, 3
-    ref = http_run(tmp_path, "ref", ["--strategy", spec], rounds, seed)
+    ref = http_run(tmp_path, "ref", ["--strategy", spec, *extra], rounds, seed)
     expected = load_model_file(ref / "model.safetensors")
-    # The HTTP run is the simulated one: the server ran the strategy, the clients its steps.
-    assert_close(expected, simulated(tmp_path, spec, rounds, seed), 1e-6)
+    if not extra:
+        # The HTTP run is the simulated one: the server ran the strategy, the clients
+        # its steps. (A DP simulation samples by Poisson, so it is another run.)
+        assert_close(expected, simulated(tmp_path, spec, rounds, seed), 1e-6)
     if spec == "scaffold":
         assert len(list((ref / "clients").glob("*.scaffold.safetensors"))) == CLIENTS
 
     run_dir = tmp_path / "run"
     server = ["server", "--dataset", "digits", "--rounds", str(rounds), "--min-clients",
-              str(CLIENTS), "--seed", str(seed), "--strategy", spec, *TRAIN]
+              str(CLIENTS), "--seed", str(seed), "--strategy", spec, *extra, *TRAIN]
     procs.start("server", [*server, "--port", "0", "--out", str(run_dir)])
     url = endpoint(run_dir)["url"]
     for i in range(CLIENTS):
@@ -122,6 +128,11 @@ def test_kill9_and_resume_reach_the_uninterrupted_model(tmp_path: Path, procs: P
         np.testing.assert_array_equal(model[key], expected[key], err_msg=key)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["strategy"] == spec
+    if extra:
+        # The same noise (drawn from the seed and the round) and the same (ε, δ).
+        want = json.loads((ref / "summary.json").read_text())
+        assert summary["final_dp_epsilon"] == want["final_dp_epsilon"] > 0
+        assert summary["final_dp_delta"] == want["final_dp_delta"] == 1 / CLIENTS
     for i in range(CLIENTS):
         assert procs.wait(f"c{i}", 60) == 0, procs.log(f"c{i}")
         kept = tmp_path / "ids" / f"client-{i}.scaffold.safetensors"

@@ -288,6 +288,8 @@ def test_staleness_summary() -> None:
     ({"updates": 5, "strategy": "fedavgm"}, "--strategy fedavgm applies to --mode sync"),
     ({"updates": 5, "prox_mu": 0.1}, "--prox-mu applies to --mode sync"),
     ({"updates": 5, "client_speeds": "lognormal:x"}, "--client-speeds"),
+    ({"updates": 5, "dp_noise_multiplier": 1.0, "dp_clip": "1.0"},
+     "--dp-noise-multiplier (DP-FedAvg) does not run in simulated time"),
     ({"updates": 5, "max_virtual_time": -1.0}, "--max-virtual-time"),
     ({"mode": "sync", "updates": 5}, "--updates applies to --mode async"),
     ({"mode": "sync", "concurrency": 2}, "--concurrency applies to --mode async"),

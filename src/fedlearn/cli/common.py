@@ -118,6 +118,31 @@ DEFAULT_DELTA = 1e-5
 DPDeltaOpt = Annotated[
     float, typer.Option("--dp-delta", help="The delta at which DP-SGD's epsilon is reported.")
 ]
+DPNoiseOpt = Annotated[
+    float | None, typer.Option("--dp-noise-multiplier", metavar="Z", help="User-level "
+                               "DP-FedAvg: Gaussian noise Z x clip norm on the sum of clipped "
+                               "client updates; (epsilon, delta) reported every round.",
+                               rich_help_panel="Differential privacy")
+]
+DPClipOpt = Annotated[
+    str | None, typer.Option("--dp-clip", metavar="C|adaptive:QUANTILE", help="DP-FedAvg's "
+                             "clip norm C, or adaptive clipping towards a quantile of the "
+                             "update norms.", rich_help_panel="Differential privacy")
+]
+DPClipOnOpt = Annotated[
+    str, typer.Option("--dp-clip-on", help="Where DP-FedAvg clips: server or client.",
+                      rich_help_panel="Differential privacy")
+]
+DPTargetOpt = Annotated[
+    float | None, typer.Option("--dp-target-epsilon", help="Stop the run before a round "
+                               "would take epsilon above this.",
+                               rich_help_panel="Differential privacy")
+]
+RunDPDeltaOpt = Annotated[
+    float | None, typer.Option("--dp-delta", help="delta of the reported epsilon (DP-FedAvg: "
+                               "default 1/N clients; DP-SGD: default 1e-5).",
+                               rich_help_panel="Differential privacy")
+]
 AttackOpt = Annotated[
     str | None,
     typer.Option("--attack", help="For robustness evaluation: the attackers send sign-flip[:F] "
@@ -163,8 +188,9 @@ def device_name(device: str) -> str:
 SKIP_METRICS = ("round", "update", "version", "seconds", "train_seconds", "clients",
                 "sampled", "examples", "attempts", "staleness", "mean_staleness", "buffered",
                 "fed_clients", "fed_examples", "train_loss", "epoch", "client",
-                "train_accuracy", "virtual_time", "round_virtual_seconds", "dropped",
-                "refused", "staleness_mean", "staleness_max", "distinct_clients")
+                "train_accuracy", "dp_epsilon", "dp_delta", "dp_sgd_epsilon_max", "dp_rounds",
+                "virtual_time", "round_virtual_seconds", "dropped", "refused", "staleness_mean",
+                "staleness_max", "distinct_clients")
 
 
 def metrics_text(record: dict[str, Any], limit: int = 4) -> str:
@@ -177,7 +203,10 @@ def metrics_text(record: dict[str, Any], limit: int = 4) -> str:
             continue
         shown = pct(value) if key.endswith("accuracy") else f"{float(value):.4f}"
         parts.append(f"{key} {shown}")
-    return "  ".join(parts[:limit]) if parts else "no evaluation"
+    parts = parts[:limit]
+    if isinstance(record.get("dp_epsilon"), int | float):
+        parts.append(f"ε {record['dp_epsilon']:.3g} (δ {record.get('dp_delta', 0):.2g})")
+    return "  ".join(parts) if parts else "no evaluation"
 
 
 def final_text(summary: dict[str, Any]) -> str:

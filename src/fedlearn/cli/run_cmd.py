@@ -22,9 +22,13 @@ from fedlearn.cli.common import (
     AttackOpt,
     DataOpt,
     DeviceOpt,
-    DPDeltaOpt,
+    DPClipOnOpt,
+    DPClipOpt,
+    DPNoiseOpt,
     DPSGDOpt,
+    DPTargetOpt,
     LabelOpt,
+    RunDPDeltaOpt,
     TaskOpt,
     TestFractionOpt,
     console,
@@ -55,6 +59,7 @@ from fedlearn.cli.server_cmds import (
     StalenessFnOpt,
     StrategyOpt,
     TauOpt,
+    dp_flags,
     strategy_flags,
 )
 from fedlearn.errors import ConfigError, FedlearnError
@@ -136,7 +141,11 @@ def run(
         "--concurrency", help="At most this many clients train at once on this machine "
         "(default: its core count when no --slowdown is given; 0: no limit).")] = None,
     dp_sgd: DPSGDOpt = None,
-    dp_delta: DPDeltaOpt = DEFAULT_DELTA,
+    dp_delta: RunDPDeltaOpt = None,
+    dp_noise_multiplier: DPNoiseOpt = None,
+    dp_clip: DPClipOpt = None,
+    dp_clip_on: DPClipOnOpt = "server",
+    dp_target_epsilon: DPTargetOpt = None,
     attack: AttackOpt = None,
     attackers: AttackersOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.")] = None,
@@ -151,8 +160,9 @@ def run(
         raise ConfigError(f"--clients must be at least 1, got {clients}.")
     from fedlearn.privacy.dpsgd import parse_dp_sgd
 
-    private = ["--dp-sgd", str(dp_sgd), "--dp-delta", repr(dp_delta)] \
-        if parse_dp_sgd(dp_sgd, dp_delta) else []
+    sgd_delta = dp_delta if dp_delta is not None else DEFAULT_DELTA
+    private = ["--dp-sgd", str(dp_sgd), "--dp-delta", repr(sgd_delta)] \
+        if parse_dp_sgd(dp_sgd, sgd_delta) else []
     asynchronous = mode == "async"
     if asynchronous and rounds is not None:
         raise ConfigError("--rounds is for --mode sync; an async run stops at --max-updates or "
@@ -165,6 +175,7 @@ def run(
         "save_every": save_every,
         **strategy_flags(strategy, server_lr, server_momentum, beta1, beta2, tau, prox_mu,
                          clip_norm),
+        **dp_flags(dp_noise_multiplier, dp_clip, dp_clip_on, dp_delta, dp_target_epsilon),
     }
     # Refuse bad settings here, before any process starts.
     the_task, ref = resolve_task(task, dataset, model)

@@ -9,6 +9,9 @@ import typer
 
 from fedlearn.cli.common import (
     DeviceOpt,
+    DPClipOpt,
+    DPNoiseOpt,
+    DPTargetOpt,
     TaskOpt,
     console,
     device_name,
@@ -85,6 +88,13 @@ def strategy_flags(
     return {"strategy": strategy, "server_lr": server_lr, "server_momentum": server_momentum,
             "beta1": beta1, "beta2": beta2, "tau": tau, "prox_mu": prox_mu,
             "clip_norm": clip_norm}
+
+
+def dp_flags(noise: float | None, clip: str | None, clip_on: str | None, delta: float | None,
+             target: float | None) -> dict[str, Any]:
+    """The DP-FedAvg flags as run settings (None: not given)."""
+    return {"dp_noise_multiplier": noise, "dp_clip": clip, "dp_clip_on": clip_on,
+            "dp_delta": delta, "dp_target_epsilon": target}
 SaveEveryOpt = Annotated[
     int | None, typer.Option("--save-every", help="Rounds (async: updates) between "
                              "checkpoints. [default: 1]")
@@ -244,6 +254,15 @@ def server(
     tau: TauOpt = None,
     prox_mu: ProxMuOpt = None,
     clip_norm: ClipNormOpt = None,
+    dp_noise_multiplier: DPNoiseOpt = None,
+    dp_clip: DPClipOpt = None,
+    dp_clip_on: Annotated[str | None, typer.Option(
+        "--dp-clip-on", help="Where DP-FedAvg clips: server or client. [default: server]",
+        rich_help_panel="Differential privacy")] = None,
+    dp_delta: Annotated[float | None, typer.Option(
+        "--dp-delta", help="delta of DP-FedAvg's reported epsilon. [default: 1/--min-clients]",
+        rich_help_panel="Differential privacy")] = None,
+    dp_target_epsilon: DPTargetOpt = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Run seed. [default: 0]")] = None,
     save_every: SaveEveryOpt = None,
     mode: ModeOpt = None,
@@ -316,6 +335,7 @@ def server(
         "fraction": fraction, "min_results": min_results, "round_timeout": round_timeout,
         **strategy_flags(strategy, server_lr, server_momentum, beta1, beta2, tau, prox_mu,
                          clip_norm),
+        **dp_flags(dp_noise_multiplier, dp_clip, dp_clip_on, dp_delta, dp_target_epsilon),
         "seed": seed, "save_every": save_every,
         "mode": mode, "async_policy": async_policy, "async_alpha": async_alpha,
         "staleness_fn": staleness_fn, "max_staleness": max_staleness,

@@ -26,6 +26,7 @@ The unit protected is a whole client's data (user-level DP).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Literal
 
@@ -122,6 +123,9 @@ class Accountant:
             return 0.0
         if self.method == "pld":
             return float(self._pld().self_compose(steps).get_epsilon_for_delta(self.delta))
+        # Orders whose series does not converge are left out of the bound (never loosening
+        # it) with one absl warning each; that is not news to a user.
+        logging.getLogger("absl").setLevel(logging.ERROR)
         accountant = RdpAccountant(neighboring_relation=self.neighboring_relation)
         accountant.compose(dp_accounting.SelfComposedDpEvent(self.round_event(), steps))
         return float(accountant.get_epsilon(self.delta))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -167,3 +168,78 @@ def parse_dp_clip(spec: str) -> tuple[float | None, AdaptiveClip | None]:
     if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"--dp-clip must be a positive number, got {spec}.")
     return value, None
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """(ε, δ) of a DP-FedAvg run after each round, and whether a round still fits the budget.
+
+    ``sampling`` is what the run actually does: ``poisson`` (each client joins a
+    round with probability ``sampling_rate``; the simulator) or ``fixed``
+    (exactly ``sampling_rate × num_clients`` of ``num_clients`` without
+    replacement; the HTTP server). See :mod:`fedlearn.privacy.accounting`.
+    """
+
+    noise_multiplier: float
+    sampling_rate: float
+    delta: float
+    sampling: str
+    num_clients: int
+    target_epsilon: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.target_epsilon is not None and not (
+                math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
+            raise ConfigError(f"--dp-target-epsilon must be a positive number, got "
+                              f"{self.target_epsilon}.")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"--dp-delta must be in (0, 1), got {self.delta}.")
+
+    def _accountant(self) -> Any:
+        from fedlearn.privacy.accounting import Accountant
+
+        return Accountant(self.noise_multiplier, self.sampling_rate, self.delta,
+                          sampling=self.sampling,  # type: ignore[arg-type]
+                          num_clients=self.num_clients)
+
+    def epsilon(self, rounds: int) -> float:
+        """ε after ``rounds`` released rounds (0 for none; inf without noise)."""
+        if rounds <= 0:
+            return 0.0
+        if self.noise_multiplier == 0:
+            return math.inf
+        return float(self._accountant().epsilon(rounds))
+
+    def allows(self, rounds: int) -> bool:
+        """True when ``rounds`` rounds stay within ``target_epsilon`` (always, without one)."""
+        return self.target_epsilon is None or self.epsilon(rounds) <= self.target_epsilon
+
+    def max_rounds(self, planned: int) -> int:
+        """The rounds a run of ``planned`` rounds may have within ``target_epsilon``.
+
+        Raises ConfigError when not even one round fits.
+        """
+        if self.target_epsilon is None:
+            return planned
+        if self.noise_multiplier == 0:
+            raise ConfigError("--dp-target-epsilon needs noise: --dp-noise-multiplier 0 gives "
+                              "no guarantee at all.")
+        allowed = int(self._accountant().max_steps(self.target_epsilon))
+        if allowed < 1:
+            raise ConfigError(f"--dp-target-epsilon {self.target_epsilon:g} is below the ε of "
+                              f"a single round ({self.epsilon(1):.3g}); raise "
+                              "--dp-noise-multiplier or the target.")
+        return min(planned, allowed)
+
+    def record(self, rounds: int) -> dict[str, float]:
+        """The metrics columns after ``rounds`` rounds: ``dp_epsilon`` and ``dp_delta``."""
+        return {"dp_epsilon": self.epsilon(rounds), "dp_delta": self.delta}
+
+    def describe(self) -> str:
+        """One line: the accountant, the sampling, z and δ (and the target, if any)."""
+        if self.noise_multiplier == 0:
+            return "DP-FedAvg with no noise: clipping only, no privacy guarantee (ε = inf)"
+        text = str(self._accountant().describe())
+        if self.target_epsilon is not None:
+            text += f"; stops before ε exceeds {self.target_epsilon:g}"
+        return text

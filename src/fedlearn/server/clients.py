@@ -82,7 +82,7 @@ class ClientRegistry:
 
     def check_claim(
         self, client_id: str, credential: str | None, max_clients: int,
-        claim: str | None = None,
+        claim: str | None = None, limit_flag: str = "--max-clients",
     ) -> None:
         """Refuse taking over a registered id, or a client too many.
 
@@ -94,7 +94,7 @@ class ClientRegistry:
         if old is None:
             if len(self._clients) >= max_clients:
                 raise ConflictError(f"this run already has its {max_clients} clients "
-                                    "(--max-clients); no more can join.")
+                                    f"({limit_flag}); no more can join.")
             return
         if credential is not None and hash_secret(credential) == old.credential_hash:
             return

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from fedlearn.config import ServerConfig, TrainConfig
+from fedlearn.config import ServerConfig, TrainConfig, privacy_budget
 from fedlearn.errors import ConflictError, PayloadError
 from fedlearn.rounds import (
     RoundFailed,
@@ -109,6 +109,12 @@ class SyncCoordinator:
         self._known_before = len(self._clients)
         #: until then a resumed run waits for the clients it knew (see _start_round_locked)
         self._returning_until = clock() + min(config.round_timeout, RETURN_WAIT_SECONDS)
+        #: DP-FedAvg's (ε, δ) accounting (None without it); the rounds it lets the run have.
+        self.budget = privacy_budget(config, "fixed")
+        self.rounds = config.rounds
+        if self.budget is not None:
+            self.rounds = min(config.rounds, self.budget.max_rounds(config.rounds))
+            log.info("DP-FedAvg: %s", self.budget.describe())
         resumed = store.load_checkpoint()
         if resumed is not None:
             self.state = restore(strategy, resumed.arrays, resumed.metadata, key=resumed.key,
@@ -119,7 +125,7 @@ class SyncCoordinator:
             store.truncate_rounds(0)
             self.state = strategy.init(initial)
         self.history: list[dict[str, Any]] = store.rounds()
-        self.phase = "done" if self.state.version >= config.rounds else "waiting"
+        self.phase = "done" if self.state.version >= self.rounds else "waiting"
         self._round: OpenRound | None = None
         self._attempt = 0  # of the next round to start (a rerun that had to wait keeps its count)
         self._closing = False
@@ -141,8 +147,12 @@ class SyncCoordinator:
         already registered is taken back only with its current ``credential``.
         """
         check_identity(self.spec, self.task_name, identity, task_name)
+        # A DP run's population is fixed at --min-clients: the accountant's N.
+        limit, flag = ((self.config.max_clients, "--max-clients") if self.budget is None else
+                       (self.config.min_clients, "--min-clients: a DP run's population is fixed, "
+                        "as its accountant assumes"))
         with self._lock:
-            self._clients.check_claim(client_id, credential, self.config.max_clients, claim)
+            self._clients.check_claim(client_id, credential, limit, claim, flag)
             self._clients.remember_claim(client_id, claim)
         credential, digest = ClientRegistry.new_credential(client_id)
         self._clients.save(client_id, digest, num_examples)
@@ -317,7 +327,7 @@ class SyncCoordinator:
             now = self.clock()
             rnd = self._round
             if rnd is None:
-                if self.state.version >= self.config.rounds:
+                if self.state.version >= self.rounds:
                     return False
                 return self._start_round_locked(self.state.version + 1, attempt=self._attempt)
             if rnd.replace_absent(self._clients, now, self._pickup_seconds(), self.config.seed):
@@ -405,6 +415,8 @@ class SyncCoordinator:
             "attempts": rnd.attempt + 1,
             "train_loss": rnd.train_loss / examples if examples else None,
         }
+        if self.budget is not None:
+            record.update(self.budget.record(new_state.version))
         with self._lock:
             self.state = new_state
             self._round = None
@@ -415,7 +427,7 @@ class SyncCoordinator:
             # while the clients train: the server's work is off the critical path.
             # A crash before the commit resumes from the previous checkpoint and
             # redoes this round, which gives the same model.
-            if new_state.version < self.config.rounds:
+            if new_state.version < self.rounds:
                 self._start_round_locked(new_state.version + 1, attempt=0)
         self.on_change()
         self._commit_pending()
@@ -453,7 +465,7 @@ class SyncCoordinator:
         record = {"round": partial["round"], **eval_record(result),
                   **{k: v for k, v in partial.items() if k != "round"}}
         version = state.version
-        save = version % self.config.save_every == 0 or version >= self.config.rounds
+        save = version % self.config.save_every == 0 or version >= self.rounds
         arrays, metadata = checkpoint_of(state) if save else (None, None)
         self.store.commit_round(record, arrays, {}, metadata=metadata)
         with self._lock:
@@ -465,7 +477,7 @@ class SyncCoordinator:
     def _start_evaluation_locked(self, version: int) -> None:
         """Open federated evaluation of ``version`` when it is due and clients can do it."""
         cfg = self.config
-        if version % cfg.eval_every and version < cfg.rounds:
+        if version % cfg.eval_every and version < self.rounds:
             return
         able = [c.client_id for c in self._clients if c.online and not c.dropped
                 and (c.num_test_examples or 0) > 0]
@@ -489,7 +501,7 @@ class SyncCoordinator:
         with self._lock:
             ready = self.fed_eval.ready()
             self.history.extend(ready)
-            if (self.history and self.history[-1]["round"] >= self.config.rounds
+            if (self.history and self.history[-1]["round"] >= self.rounds
                     and not self.fed_eval.holding and not self._pending):
                 self.phase = "done"
         for record in ready:
@@ -519,7 +531,7 @@ class SyncCoordinator:
                 "state": self.phase,
                 "round": rnd.number if rnd is not None else self.state.version,
                 "version": self.state.version,
-                "rounds": self.config.rounds,
+                "rounds": self.rounds,
                 "registered": len(self._clients),
                 "active": sum(1 for c in self._clients if c.online and not c.dropped),
                 "sampled": sampled,
@@ -528,6 +540,9 @@ class SyncCoordinator:
                 "short_rounds": self.short_rounds,
                 "min_results": self.min_results,
                 "strategy": self.strategy.name,
+                **({} if self.budget is None else {
+                    **self.budget.record(self.state.version),
+                    "dp_accountant": self.budget.describe()}),
                 "history": [
                     {k: v for k, v in h.items()
                      if k in ("round", "accuracy", "loss") or k.startswith("fed_")}

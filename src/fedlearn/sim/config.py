@@ -6,10 +6,10 @@ import math
 from dataclasses import dataclass, field
 
 from fedlearn.attacks import check_attack_config
-from fedlearn.config import OBJECT_PREFIX, TrainConfig, build_strategy
+from fedlearn.config import OBJECT_PREFIX, TrainConfig, build_strategy, privacy_budget
 from fedlearn.data import parse_partition
 from fedlearn.errors import ConfigError, PartitionError
-from fedlearn.privacy.dpsgd import parse_dp_sgd
+from fedlearn.privacy.dpsgd import DEFAULT_DELTA, parse_dp_sgd
 from fedlearn.sim.base import ENGINES, check_precision
 from fedlearn.sim.modes import check_modes
 from fedlearn.strategies import Strategy
@@ -46,7 +46,11 @@ class SimConfig:
     max_parallel: int | None = None
     precision: str = "fp32"
     dp_sgd: str | None = None
-    dp_delta: float = 1e-5
+    dp_delta: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_clip: str | None = None
+    dp_clip_on: str = "server"
+    dp_target_epsilon: float | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     # Simulated time (fedlearn.sim.virtual): async merging and sync round deadlines.
     mode: str = "sync"
@@ -79,7 +83,7 @@ class SimConfig:
         if self.max_parallel is not None and self.max_parallel < 1:
             raise ConfigError(f"--max-parallel must be at least 1, got {self.max_parallel}.")
         check_precision(self.precision)
-        parse_dp_sgd(self.dp_sgd, self.dp_delta)
+        parse_dp_sgd(self.dp_sgd, self.sgd_delta)
         if self.eval_every < 1:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}.")
         if self.eval_fraction is not None and not 0 < self.eval_fraction <= 1:
@@ -95,6 +99,7 @@ class SimConfig:
             )
         if not self.strategy.startswith(OBJECT_PREFIX):
             check_per_round(build_strategy(self), self.per_round)
+        privacy_budget(self, "poisson")
         # --attack without --attackers: the default share, written down as resolved.
         object.__setattr__(self, "attackers",
                            check_attack_config(self.attack, self.attackers, self.clients))
@@ -104,6 +109,11 @@ class SimConfig:
                 "expressed as a sampling fraction; pick another --per-round."
             )
         check_modes(self)
+
+    @property
+    def sgd_delta(self) -> float:
+        """The δ at which DP-SGD's ε is reported (``dp_delta``, else 1e-5)."""
+        return self.dp_delta if self.dp_delta is not None else DEFAULT_DELTA
 
     @property
     def fraction(self) -> float:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fedlearn.attacks import Attackers
-from fedlearn.config import TrainConfig, build_strategy
+from fedlearn.config import TrainConfig, build_strategy, privacy_budget
 from fedlearn.errors import ConfigError, PartitionError
 from fedlearn.metrics import weighted_means
 from fedlearn.privacy.dpsgd import DPSGD, parse_dp_sgd
@@ -38,7 +38,7 @@ from fedlearn.sim.base import ENGINES, ClientTask, Engine, check_precision
 from fedlearn.sim.config import SimConfig, check_per_round
 from fedlearn.sim.sequential import ScriptEngine, SequentialEngine
 from fedlearn.sim.vectorized import VectorizedEngine, unsupported_reason
-from fedlearn.strategies import Strategy, Update, sample_clients
+from fedlearn.strategies import Strategy, Update, poisson_sample, sample_clients
 from fedlearn.tasks.base import ClientData, Task
 from fedlearn.types import ControlVariates, Weights
 
@@ -154,6 +154,9 @@ class Simulation:
         self.strategy = strategy if strategy is not None else build_strategy(config)
         check_per_round(self.strategy, config.per_round)
         self.state = self.strategy.init(initial_state(task, config.seed))
+        #: DP-FedAvg's (ε, δ) accounting (None without it) and the rounds it has released.
+        self.budget = privacy_budget(config, "poisson")
+        self.released = 0
         #: SCAFFOLD: each virtual client's own control variate (from its first round)
         self.controls: dict[str, Weights] = {}
         self.test_shards: dict[str, Shard] = {}
@@ -184,7 +187,7 @@ class Simulation:
                                       seed=config.seed, device=device,
                                       max_parallel=config.max_parallel,
                                       precision=config.precision,
-                                      dp_sgd=parse_dp_sgd(config.dp_sgd, config.dp_delta),
+                                      dp_sgd=parse_dp_sgd(config.dp_sgd, config.sgd_delta),
                                       log=log)
         evaluable = task.model is not None or task.evaluate is not None
         self.evaluator = Trainer(task, seed=config.seed, device=device) if evaluable else None
@@ -220,9 +223,13 @@ class Simulation:
     def round_tasks(self, rnd: int) -> list[ClientTask]:
         """The tasks of round ``rnd``: the sampled clients, their rows and data seeds."""
         config = self.config
-        sampled = sample_clients(
-            self.ids, config.fraction, seed=config.seed, round_number=rnd, attempt=0, minimum=1
-        )
+        if self.budget is not None:
+            # DP-FedAvg is accounted for Poisson sampling, so that is how clients are drawn.
+            sampled = poisson_sample(self.ids, config.fraction, seed=config.seed,
+                                     round_number=rnd)
+        else:
+            sampled = sample_clients(self.ids, config.fraction, seed=config.seed,
+                                     round_number=rnd, attempt=0, minimum=1)
         server = self.strategy.client_arrays(self.state).get("c")
         return [
             ClientTask(cid, self.rows[cid], task_seed(config.seed, rnd, cid),
@@ -255,6 +262,9 @@ class Simulation:
         except RoundFailed as exc:
             record["failed"] = str(exc)
         else:
+            if self.budget is not None:
+                self.released += 1
+                record.update(self.budget.record(self.released))
             for u in updates:
                 if u.control is not None:
                     self.controls[u.client_id] = u.control
@@ -341,7 +351,14 @@ def run_simulation(
     announce_attackers(sim, run, log)
     history: list[dict[str, Any]] = []
     try:
+        if sim.budget is not None:
+            log(f"DP-FedAvg: {sim.budget.describe()}")
         for rnd in range(1, config.rounds + 1):
+            if sim.budget is not None and not sim.budget.allows(sim.released + 1):
+                log(f"stopped before round {rnd}: it would take ε above "
+                    f"--dp-target-epsilon {sim.budget.target_epsilon:g} "
+                    f"(ε after {sim.released} rounds: {sim.budget.epsilon(sim.released):.3f})")
+                break
             record = sim.run_round(rnd)
             history.append(record)
             run.append_metrics(record)
@@ -349,7 +366,13 @@ def run_simulation(
                 on_round(record)
     finally:
         sim.close()
-    return _finish(run, config, task, sim.engine.name, sim.weights, history, started)
+    privacy: dict[str, Any] = {}
+    if sim.budget is not None:
+        privacy = {**sim.budget.record(sim.released), "dp_rounds": sim.released,
+                   "dp_accountant": sim.budget.describe()}
+        if len(history) < config.rounds:
+            privacy["stopped"] = "dp_target_epsilon"
+    return _finish(run, config, task, sim.engine.name, sim.weights, history, started, privacy)
 
 
 def announce_attackers(sim: Simulation, run: RunDir, log: Callable[[str], None]) -> None:
@@ -362,7 +385,7 @@ def announce_attackers(sim: Simulation, run: RunDir, log: Callable[[str], None])
 
 def _finish(
     run: RunDir, config: SimConfig, task: Task, engine: str, weights: Weights,
-    history: list[dict[str, Any]], started: float,
+    history: list[dict[str, Any]], started: float, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     run.save_model(weights)
     later = [h["seconds"] for h in history[1:]]
@@ -381,6 +404,7 @@ def _finish(
         **final_metrics(history),
         "wall_seconds": time.perf_counter() - started,
         "median_round_seconds": statistics.median(later) if later else None,
+        **(extra or {}),
     }
     run.write_summary(summary)
     run.write_report(

@@ -43,7 +43,7 @@ nearest integer (:func:`~fedlearn.strategies.base.integer_mean`).
 
 from fedlearn.strategies.base import ServerState, Update, state_from_arrays, state_to_arrays
 from fedlearn.strategies.robust import AggregationRule, NotEnoughUpdatesError, Rule
-from fedlearn.strategies.sampling import sample_clients
+from fedlearn.strategies.sampling import poisson_sample, sample_clients
 from fedlearn.strategies.spec import (
     STRATEGIES,
     STRATEGY_TABLE,
@@ -64,6 +64,7 @@ __all__ = [
     "StrategyRow",
     "Update",
     "parse_strategy",
+    "poisson_sample",
     "sample_clients",
     "spec_options",
     "state_from_arrays",

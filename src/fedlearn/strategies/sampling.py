@@ -32,3 +32,15 @@ def sample_clients(
     rng = rng_for("sample", seed, round_number, attempt)
     chosen = rng.choice(len(pool), size=k, replace=False)
     return sorted(pool[i] for i in chosen)
+
+
+def poisson_sample(candidates: Iterable[str], rate: float, *, seed: int,
+                   round_number: int) -> list[str]:
+    """Each candidate independently with probability ``rate`` (sorted; may be empty).
+
+    Poisson sampling, as DP-FedAvg's accountant assumes it in the simulator; a
+    pure function of the sorted ids, the seed and the round.
+    """
+    pool = sorted(set(candidates))
+    draws = rng_for("poisson", seed, round_number).random(len(pool))
+    return [cid for cid, u in zip(pool, draws, strict=True) if u < rate]

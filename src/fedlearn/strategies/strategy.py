@@ -14,8 +14,9 @@ integer rule of the package docstring. Build strategies with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -41,6 +42,25 @@ SCAFFOLD_C = "scaffold/c"
 ClientConfig = dict[str, float | int | str]
 
 
+class PrivateMean(Protocol):
+    """A private mean that replaces the rule (user-level DP-FedAvg:
+    :class:`fedlearn.privacy.dpfedavg.DPFedAvg`). Its state is scalars in the
+    strategy state (e.g. an adaptive clip norm), so every checkpoint holds it."""
+
+    def init_scalars(self) -> dict[str, float]:
+        """Its scalars before round 1."""
+        ...
+
+    def client_config(self, scalars: Mapping[str, float | int]) -> dict[str, float]:
+        """Keys for the clients' round config (e.g. the clip norm when clients clip)."""
+        ...
+
+    def mean(self, scalars: Mapping[str, float | int], deltas: Sequence[Weights],
+             round_number: int, like: Weights) -> tuple[Weights, dict[str, float]]:
+        """The private mean of ``deltas`` for round ``round_number``, and the next scalars."""
+        ...
+
+
 def _opt_group(moment: str) -> str:
     return f"opt/{moment}"
 
@@ -63,6 +83,7 @@ class Strategy:
     clip: float | None = None
     prox_mu: float | None = None
     scaffold: bool = False
+    dp: PrivateMean | None = None
 
     def __post_init__(self) -> None:
         if self.clip is not None and not (np.isfinite(self.clip) and self.clip > 0):
@@ -72,6 +93,10 @@ class Strategy:
         plain_mean = isinstance(self.rule, Rule) and self.rule.kind == "mean"
         if self.scaffold and (not plain_mean or self.optimizer.kind != "sgd"):
             raise ValueError("scaffold combines with the plain mean and sgd only")
+        if self.dp is not None and (not plain_mean or self.scaffold or self.clip is not None):
+            raise ValueError("DP-FedAvg's private mean replaces the aggregation rule, its "
+                             "clipping and SCAFFOLD; combine it with a server optimizer only "
+                             "(e.g. fedadam)")
         if not isinstance(self.rule, AggregationRule):
             raise ValueError(f"strategy {self.name!r}: its rule needs spec, streams, "
                              "min_updates and apply(updates)")
@@ -84,7 +109,8 @@ class Strategy:
         then the engine folds each delta into a RunningSum as it arrives
         (memory: one model) and calls :meth:`aggregate_sum`.
         """
-        return not self.rule.streams or self.clip is not None or self.scaffold
+        return (not self.rule.streams or self.clip is not None or self.scaffold
+                or self.dp is not None)
 
     @property
     def min_updates(self) -> int:
@@ -97,8 +123,11 @@ class Strategy:
         arrays = {_opt_group(n): m for n, m in opt.moments.items()}
         if self.scaffold:
             arrays[SCAFFOLD_C] = init_control(weights)
+        scalars: dict[str, float | int] = {OPT_STEP: opt.step}
+        if self.dp is not None:
+            scalars.update(self.dp.init_scalars())
         return ServerState(weights=copy_weights(weights), version=0, arrays=arrays,
-                           scalars={OPT_STEP: opt.step})
+                           scalars=scalars)
 
     def client_config(self, state: ServerState, round_number: int) -> ClientConfig:
         """Settings for the clients' local training this round.
@@ -112,6 +141,8 @@ class Strategy:
             config["prox_mu"] = self.prox_mu
         if self.scaffold:
             config["scaffold"] = 1
+        if self.dp is not None:
+            config.update(self.dp.client_config(state.scalars))
         return config
 
     def client_arrays(self, state: ServerState) -> dict[str, Weights]:
@@ -129,6 +160,14 @@ class Strategy:
         Raises ValueError (a :class:`~fedlearn.strategies.robust.NotEnoughUpdatesError`
         for too few updates) for a round that cannot be aggregated.
         """
+        if self.dp is not None:
+            # A Poisson-sampled private round may have no updates: its mean is the noise.
+            if updates:
+                check_updates(state.weights, updates)
+            delta, scalars = self.dp.mean(state.scalars, [u.delta for u in updates],
+                                          state.version + 1, state.weights)
+            return self._advance(replace(state, scalars={**state.scalars, **scalars}), delta,
+                                 None)
         check_updates(state.weights, updates)
         if num_clients < len(updates):
             raise ValueError(f"num_clients ({num_clients}) is less than the {len(updates)} "
