@@ -85,7 +85,7 @@ def simulate(
     out: str | Path | None = None, device: str = "cpu", max_parallel: int | None = None,
     precision: str = "fp32", attack: str | None = None, attackers: float | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
-    log: Callable[[str], None] = lambda line: None, **options: float,
+    log: Callable[[str], None] = lambda line: None, **options: Any,
 ) -> History:
     """Simulate ``clients`` clients of ``task`` in this process (``fedlearn sim``).
 
@@ -99,19 +99,27 @@ def simulate(
     ``options`` (``server_lr``, ``server_momentum``, ``beta1``, ``beta2``,
     ``tau``, ``prox_mu``, ``clip_norm``), or a
     :class:`~fedlearn.strategies.Strategy` object (your own, see the README).
+    The other ``options`` run in simulated time: ``mode`` ("async"),
+    ``async_policy``, ``client_speeds``, ``round_timeout``, ``updates``,
+    ``concurrency``, ``max_virtual_time``, ... (the fields of
+    :class:`~fedlearn.sim.SimConfig` that ``fedlearn sim``'s flags of those names set).
     """
     from fedlearn.config import STRATEGY_OPTIONS
     from fedlearn.errors import ConfigError
     from fedlearn.runs import RunDir
     from fedlearn.sim import SimConfig, config_record, run_simulation
+    from fedlearn.sim.modes import TIME_OPTIONS
     from fedlearn.training import resolve_device
 
-    unknown = sorted(set(options) - set(STRATEGY_OPTIONS))
+    unknown = sorted(set(options) - set(STRATEGY_OPTIONS) - set(TIME_OPTIONS))
     if unknown:
         raise ConfigError(f"simulate() got unknown option(s) {', '.join(unknown)}; the "
-                          f"strategy options are {', '.join(STRATEGY_OPTIONS)}.")
+                          f"strategy options are {', '.join(STRATEGY_OPTIONS)} and the "
+                          f"simulated-time ones {', '.join(TIME_OPTIONS)}.")
     the_task = _task(task)
-    settings = _strategy_settings(strategy, options)
+    settings = _strategy_settings(
+        strategy, {k: v for k, v in options.items() if k in STRATEGY_OPTIONS})
+    settings.update({k: v for k, v in options.items() if k in TIME_OPTIONS})
     sim = SimConfig(
         clients=clients, per_round=per_round or clients, partition=partition, rounds=rounds,
         engine=engine, task=the_task.name, data=None if data is None else str(data),
