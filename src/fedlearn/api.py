@@ -88,7 +88,7 @@ def simulate(
     log: Callable[[str], None] = lambda line: None,
     backend: str = "local", ray_address: str | None = None, ray_workers: int | None = None,
     ray_cpus_per_worker: float | None = None, ray_gpus_per_worker: float | None = None,
-    ray_timeout: float | None = None, **options: float,
+    ray_timeout: float | None = None, **options: Any,
 ) -> History:
     """Simulate ``clients`` clients of ``task`` in this process (``fedlearn sim``).
 
@@ -105,23 +105,31 @@ def simulate(
     ``options`` (``server_lr``, ``server_momentum``, ``beta1``, ``beta2``,
     ``tau``, ``prox_mu``, ``clip_norm``), or a
     :class:`~fedlearn.strategies.Strategy` object (your own, see the README).
+    The other ``options`` run in simulated time: ``mode`` ("async"),
+    ``async_policy``, ``client_speeds``, ``round_timeout``, ``updates``,
+    ``concurrency``, ``max_virtual_time``, ... (the fields of
+    :class:`~fedlearn.sim.SimConfig` that ``fedlearn sim``'s flags of those names set).
     """
     from fedlearn.config import STRATEGY_OPTIONS
     from fedlearn.errors import ConfigError
     from fedlearn.runs import RunDir
     from fedlearn.sim import SimConfig, config_record, run_simulation
+    from fedlearn.sim.modes import TIME_OPTIONS
     from fedlearn.training import resolve_device
 
-    unknown = sorted(set(options) - set(STRATEGY_OPTIONS))
+    unknown = sorted(set(options) - set(STRATEGY_OPTIONS) - set(TIME_OPTIONS))
     if unknown:
         raise ConfigError(f"simulate() got unknown option(s) {', '.join(unknown)}; the "
-                          f"strategy options are {', '.join(STRATEGY_OPTIONS)}.")
+                          f"strategy options are {', '.join(STRATEGY_OPTIONS)} and the "
+                          f"simulated-time ones {', '.join(TIME_OPTIONS)}.")
     if backend == "ray":
         from fedlearn.sim.ray_backend import require_ray
 
         require_ray()
     the_task = _task(task)
-    settings = _strategy_settings(strategy, options)
+    settings = _strategy_settings(
+        strategy, {k: v for k, v in options.items() if k in STRATEGY_OPTIONS})
+    settings.update({k: v for k, v in options.items() if k in TIME_OPTIONS})
     sim = SimConfig(
         clients=clients, per_round=per_round or clients, partition=partition, rounds=rounds,
         engine=engine, task=the_task.name, data=None if data is None else str(data),

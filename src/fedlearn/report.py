@@ -12,7 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-X_KEYS = ("round", "update", "epoch")
+#: The x axis: the first of these a record has (virtual time for simulated-time runs).
+X_KEYS = ("virtual_time", "round", "update", "epoch")
+X_LABELS = {"virtual_time": "virtual time (s)"}
 
 
 def _score_key(records: Sequence[Mapping[str, Any]], prefix: str) -> str | None:
@@ -28,10 +30,10 @@ def _score_key(records: Sequence[Mapping[str, Any]], prefix: str) -> str | None:
 
 
 def plot_metrics(records: Sequence[Mapping[str, Any]], path: Path, *, title: str) -> None:
-    """Plot the test score (accuracy, or the task's first metric) and loss against round
-    (or update) to ``path``: the server's own evaluation ("global") and the clients'
-    federated evaluation ("federated"). Records with a ``client`` field are drawn as one
-    line per client.
+    """Plot the test score (accuracy, or the task's first metric) and loss against virtual
+    time, round or update (the first a record has) to ``path``: the server's own
+    evaluation ("global") and the clients' federated evaluation ("federated"). Records
+    with a ``client`` field are drawn as one line per client.
     """
     series: dict[str, tuple[list[float], list[float], list[float]]] = {}
     xlabel = "round"
@@ -47,7 +49,7 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], path: Path, *, title: str
             xkey = next((k for k in X_KEYS if k in r), None)
             if xkey is None or r.get(key) is None:
                 continue
-            xlabel = xkey
+            xlabel = X_LABELS.get(xkey, xkey)
             label = f"client {r['client']}" if "client" in r else name
             xs, accs, losses = series.setdefault(label, ([], [], []))
             xs.append(float(r[xkey]))

@@ -189,7 +189,8 @@ SKIP_METRICS = ("round", "update", "version", "seconds", "train_seconds", "clien
                 "sampled", "examples", "attempts", "staleness", "mean_staleness", "buffered",
                 "fed_clients", "fed_examples", "train_loss", "epoch", "client",
                 "train_accuracy", "dp_epsilon", "dp_delta", "dp_sgd_epsilon_max", "dp_rounds",
-                "refused")
+                "virtual_time", "round_virtual_seconds", "dropped", "refused", "staleness_mean",
+                "staleness_max", "distinct_clients")
 
 
 def metrics_text(record: dict[str, Any], limit: int = 4) -> str:

@@ -11,6 +11,7 @@ from fedlearn.data import parse_partition
 from fedlearn.errors import ConfigError, PartitionError
 from fedlearn.privacy.dpsgd import DEFAULT_DELTA, parse_dp_sgd
 from fedlearn.sim.base import ENGINES, check_precision
+from fedlearn.sim.modes import check_modes
 from fedlearn.sim.ray_backend import check_backend
 from fedlearn.strategies import Strategy
 
@@ -59,6 +60,17 @@ class SimConfig:
     ray_cpus_per_worker: float | None = None
     ray_gpus_per_worker: float | None = None
     ray_timeout: float | None = None
+    # Simulated time (fedlearn.sim.virtual): async merging and sync round deadlines.
+    mode: str = "sync"
+    async_policy: str = "fedasync"
+    async_alpha: float = 0.6
+    staleness_fn: str = "polynomial"
+    max_staleness: int | None = None
+    client_speeds: str = "constant"
+    round_timeout: float | None = None
+    updates: int | None = None
+    concurrency: int | None = None
+    max_virtual_time: float | None = None
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -105,6 +117,7 @@ class SimConfig:
                 f"--per-round {self.per_round} of {self.clients} clients cannot be "
                 "expressed as a sampling fraction; pick another --per-round."
             )
+        check_modes(self)
 
     @property
     def sgd_delta(self) -> float:
@@ -115,6 +128,17 @@ class SimConfig:
     def fraction(self) -> float:
         """The share of clients sampled per round, as the HTTP server's --fraction."""
         return self.per_round / self.clients
+
+    @property
+    def in_flight(self) -> int:
+        """Async: clients training at once (``concurrency``, by default ``per_round``)."""
+        return self.concurrency if self.concurrency is not None else self.per_round
+
+    @property
+    def virtual(self) -> bool:
+        """Whether the run needs the virtual clock (async, a round deadline or speeds)."""
+        return (self.mode == "async" or self.round_timeout is not None
+                or self.client_speeds != "constant" or self.max_virtual_time is not None)
 
 
 def _sample_size(clients: int, per_round: int) -> int:

@@ -230,10 +230,9 @@ class Simulation:
         """The current global model."""
         return self.state.weights
 
-    def run_round(self, rnd: int) -> dict[str, Any]:
-        """Round ``rnd`` (1-based): sample, train, aggregate, evaluate; its metrics record."""
+    def round_tasks(self, rnd: int) -> list[ClientTask]:
+        """The tasks of round ``rnd``: the sampled clients, their rows and data seeds."""
         config = self.config
-        t0 = time.perf_counter()
         if self.budget is not None:
             # DP-FedAvg is accounted for Poisson sampling, so that is how clients are drawn.
             sampled = poisson_sample(self.ids, config.fraction, seed=config.seed,
@@ -242,12 +241,18 @@ class Simulation:
             sampled = sample_clients(self.ids, config.fraction, seed=config.seed,
                                      round_number=rnd, attempt=0, minimum=1)
         server = self.strategy.client_arrays(self.state).get("c")
-        tasks = [
+        return [
             ClientTask(cid, self.rows[cid], task_seed(config.seed, rnd, cid),
                        None if server is None else ControlVariates(server, self.controls.get(
                            cid) or {k: np.zeros_like(v) for k, v in server.items()}))
             for cid in sampled
         ]
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        """Round ``rnd`` (1-based): sample, train, aggregate, evaluate; its metrics record."""
+        config = self.config
+        t0 = time.perf_counter()
+        tasks = self.round_tasks(rnd)
         t1 = time.perf_counter()
         round_cfg = round_config(self.strategy, self.state, self.train_config, rnd)
         updates = self.engine.train_round(self.state.weights, tasks, round_cfg)
@@ -298,6 +303,13 @@ class Simulation:
         cfg = self.config
         if version % cfg.eval_every and version < cfg.rounds:
             return {}
+        return self.federated_eval(version)
+
+    def federated_eval(self, version: int, weights: Weights | None = None) -> dict[str, Any]:
+        """``fed_*`` means of a sample of clients evaluating ``weights`` (by default the
+        global model) on their own test data; ``version`` seeds the sample."""
+        cfg = self.config
+        weights = self.state.weights if weights is None else weights
         scripts = isinstance(self.engine, ScriptEngine)
         able = list(self.ids) if scripts else sorted(self.test_shards)
         if not able:
@@ -307,9 +319,9 @@ class Simulation:
         results = []
         for cid in chosen:
             if isinstance(self.engine, ScriptEngine):
-                res = self.engine.evaluate(cid, self.state.weights, version)
+                res = self.engine.evaluate(cid, weights, version)
             elif self.evaluator is not None:
-                res = self.evaluator.evaluate(self.state.weights, self.test_shards[cid])
+                res = self.evaluator.evaluate(weights, self.test_shards[cid])
             else:  # pragma: no cover
                 continue
             results.append((res.metrics, res.num_examples))
@@ -346,13 +358,22 @@ def run_simulation(
     calls ``on_round`` with the record; the end writes ``model.safetensors``,
     ``summary.json`` and ``report.png``. Returns the summary. ``resume``
     continues ``run`` from its last checkpoint (to the same final model).
+    A run in virtual time (``config.virtual``) goes to :func:`fedlearn.sim.virtual.run_virtual`
+    (and cannot be resumed yet).
     """
+    if config.virtual:
+        from fedlearn.sim.virtual import run_virtual
+
+        if resume:
+            raise ConfigError("a run in simulated time (--mode async, --client-speeds, "
+                              "--round-timeout or --max-virtual-time) cannot be resumed yet; "
+                              "start it again.")
+
+        return run_virtual(config, task, run, on_round=on_round, log=log, device=device,
+                           strategy=strategy)
     started = time.perf_counter()
     sim = Simulation(config, task, strategy=strategy, device=device, log=log)
-    if sim.attackers.attack is not None:
-        run.write_attackers(sim.attackers.record())
-        log(f"attack {sim.attackers.attack}: {len(sim.attackers.ids)} of {config.clients} "
-            f"clients attack (listed in {run.path / 'attackers.json'})")
+    announce_attackers(sim, run, log)
     history: list[dict[str, Any]] = []
     first = 1
     checkpoints = Checkpointer(run.path, seed=config.seed)
@@ -384,6 +405,14 @@ def run_simulation(
         if len(history) < config.rounds:
             privacy["stopped"] = "dp_target_epsilon"
     return _finish(run, config, task, sim.engine.name, sim.weights, history, started, privacy)
+
+
+def announce_attackers(sim: Simulation, run: RunDir, log: Callable[[str], None]) -> None:
+    """Write ``attackers.json`` and say who attacks, when the run has attackers."""
+    if sim.attackers.attack is not None:
+        run.write_attackers(sim.attackers.record())
+        log(f"attack {sim.attackers.attack}: {len(sim.attackers.ids)} of {sim.config.clients} "
+            f"clients attack (listed in {run.path / 'attackers.json'})")
 
 
 def _finish(
