@@ -28,7 +28,9 @@ each engine and the floor run once more alone in a fresh process (engines
 through ``run_simulation``, writing a run directory; at most ``--alone-rounds``
 rounds; ``--alone`` picks which) for peak resident memory. When the two engines'
 final models differ by 1e-4 or more, the sequential engine runs once more on
-another thread count: that difference is the float-noise reference.
+another thread count: that difference is the float-noise reference. Scales
+measured by an earlier run of the same model and device stay in the JSON, so
+1,000/100 can run on its own (``--scales 1000/100:1``).
 
 It runs unchanged on a GPU (``--device cuda``): data and model move there
 once, and the table's samples/s columns are the figures to read there (with
@@ -554,15 +556,42 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> None:
               f"{c['text']}")
     name = "w2_hundred_clients" + ("" if args.model == "mlp" else f"_{args.model}") + (
         "_cuda" if gpu else "")
+    for scale, res in results.items():
+        res.update(threads=args.threads, precision=args.precision,
+                   max_parallel=args.max_parallel, alone_rounds=args.alone_rounds,
+                   date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                   checks=[{k: c[k] for k in ("scale", "measure", "value", "text", "ok")}
+                           for c in checks if c["scale"] == scale])
+    # Scales measured by an earlier run (e.g. 1,000/100 run on its own) stay in the file.
+    scales = {s: r for s, r in _earlier_scales(name, args.device).items() if s not in results}
+    for scale, res in scales.items():
+        print(f"kept from an earlier run: {scale} ({res['date']}, {res['rounds']} rounds)")
+    scales.update(results)
     path = write_json(name, {
-        "model": args.model, "data": data, "device": args.device,
-        "precision": args.precision, "threads": args.threads, "partition": PARTITION,
-        "lr": LR, "batch_size": BATCH, "max_parallel": args.max_parallel,
-        "alone_rounds": args.alone_rounds, "scales": results,
-        "checks": [{k: c[k] for k in ("scale", "measure", "value", "text", "ok")}
-                   for c in checks],
+        "model": args.model, "data": data, "device": args.device, "partition": PARTITION,
+        "lr": LR, "batch_size": BATCH, "scales": scales,
+        "checks": [c for res in scales.values() for c in res["checks"]],
     })
     print(f"\nwrote {path}")
+
+
+def _earlier_scales(name: str, device: str) -> dict[str, Any]:
+    """The per-scale results already in ``results/<name>.json`` (this format, same device)."""
+    from common import RESULTS
+
+    try:
+        found = json.loads((RESULTS / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if found.get("device") != device or "model" not in found:
+        return {}
+    kept = {}
+    for scale, res in found.get("scales", {}).items():
+        if "checks" not in res:  # written before the per-scale fields
+            res = {**res, "threads": found.get("threads"), "date": found["machine"]["date"],
+                   "checks": [c for c in found.get("checks", []) if c["scale"] == scale]}
+        kept[scale] = res
+    return kept
 
 
 def _cpu_clock() -> tuple[float, float, float]:
