@@ -138,7 +138,7 @@ def test_every_engine_and_http_reach_the_same_model(tmp_path: Path, name: str) -
         assert abs(accuracy - ref_accuracy) <= 0.005, (how, accuracy, ref_accuracy)
     # The runs trained: the model moved far beyond the tolerance, and learned. (A conv
     # bias before BatchNorm has no gradient, so not every tensor moves.)
-    assert max_difference(ref, initial_model(flags)) > 100 * TOLERANCE
+    assert max_difference(ref, initial_model(flags)) > 10 * TOLERANCE
     assert ref_accuracy > case.learns
 
 
