@@ -55,9 +55,17 @@ check: lint typecheck unit integration
 test: install data check
 
 # Benchmarks of BENCHMARKS.md: each prints a table and writes benchmarks/results/<name>.json.
+# W2-CNN and W2-CIFAR (about 10 minutes each on a busy 2-core machine) use one torch
+# thread, as two threads of one process stall each other when other work shares the
+# cores; 1,000/100 runs one round, with the memory of the vectorized engine alone.
 bench: install data
 	$(BIN)/python benchmarks/w1_six_clients.py
 	$(BIN)/python benchmarks/w2_hundred_clients.py
+	$(BIN)/python benchmarks/w2_hundred_clients.py --model cnn --scales 100/10:5 --threads 1
+	$(BIN)/python benchmarks/w2_hundred_clients.py --model cnn --scales 1000/100:1 --threads 1 \
+		--alone vectorized --no-noise
+	$(BIN)/python benchmarks/w2_hundred_clients.py --model cifar-cnn --rounds 3 --threads 1
+	$(BIN)/python benchmarks/w2_ray.py
 	$(BIN)/python benchmarks/w3_server_load.py
 	$(BIN)/python benchmarks/w4_stragglers.py
 	$(BIN)/python benchmarks/w4_sim.py

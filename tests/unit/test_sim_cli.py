@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import typer
@@ -12,6 +13,9 @@ from typer.testing import CliRunner
 
 from fedlearn.cli.sim_cmd import sim
 from fedlearn.errors import ConfigError
+from fedlearn.runs import load_model_file
+from fedlearn.sim import ENGINES
+from tests.tiny_data import write_tiny_idx
 
 
 def app() -> typer.Typer:
@@ -121,3 +125,39 @@ def test_sim_sync_with_a_round_timeout_reports_dropped_stragglers(tmp_path: Path
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dropped"] == sum(r["dropped"] for r in rows)
     assert summary["virtual_time"] == pytest.approx(rows[-1]["virtual_time"])
+
+
+def test_cnn_vectorized_and_sequential_reach_the_same_accuracy_and_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Issue #10: `fedlearn sim --model cnn` on both engines, small data of the cnn's
+    # shape (digits written as Fashion-MNIST's 28x28 IDX files), uneven clients.
+    write_tiny_idx(tmp_path / "data", train=240, test=200)
+    monkeypatch.setenv("FEDLEARN_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("FEDLEARN_SYSTEM_DATA", str(tmp_path / "no-system-data"))
+    monkeypatch.setenv("FEDLEARN_OFFLINE", "1")
+    results = {}
+    before = torch.get_num_threads()
+    try:
+        for engine in ENGINES:
+            out = tmp_path / engine
+            # One thread: toy tensors train fastest (and steadiest on a busy machine) so.
+            res = CliRunner().invoke(app(), [
+                "--dataset", "fashion-mnist", "--model", "cnn", "--clients", "4",
+                "--per-round", "2", "--rounds", "3", "--partition", "dirichlet:0.5",
+                "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--local-epochs",
+                "2", "--batch-size", "16", "--engine", engine, "--threads", "1",
+                "--out", str(out),
+            ])
+            assert res.exit_code == 0, res.output
+            summary = json.loads((out / "summary.json").read_text())
+            assert summary["engine"] == engine and summary["rounds"] == 3
+            results[engine] = (summary["final_accuracy"],
+                               load_model_file(out / "model.safetensors"))
+    finally:
+        torch.set_num_threads(before)
+    (acc_v, vec), (acc_s, seq) = results["vectorized"], results["sequential"]
+    assert abs(acc_v - acc_s) <= 0.005  # 0.5 points (one test image is 0.5 points here)
+    for key in seq:
+        np.testing.assert_allclose(vec[key], seq[key], rtol=0, atol=1e-4, err_msg=key)
+    assert acc_s > 0.2  # it learned (chance is 10%)

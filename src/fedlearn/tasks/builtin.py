@@ -16,7 +16,9 @@ import numpy as np
 from fedlearn.errors import ConfigError
 from fedlearn.tasks.base import ClientData, Data, DataContext, Task
 
-_PARTS: dict[tuple[int, str, int, int], tuple[np.ndarray, ...]] = {}
+# Each entry keeps its labels array alive, so its id cannot be reused by another array
+# while the entry exists (an id alone could name a freed and reallocated array).
+_PARTS: dict[tuple[int, str, int, int], tuple[np.ndarray, tuple[np.ndarray, ...]]] = {}
 
 
 def partition_rows(labels: np.ndarray, spec: str, seed: int) -> np.ndarray:
@@ -33,11 +35,13 @@ def partition_rows(labels: np.ndarray, spec: str, seed: int) -> np.ndarray:
     n, i = parsed.part
     whole = spec.rsplit(":", 2)[0]
     key = (id(labels), whole, n, seed)
-    if key not in _PARTS:
+    entry = _PARTS.get(key)
+    if entry is None or entry[0] is not labels:
         if len(_PARTS) > 16:
             _PARTS.clear()
-        _PARTS[key] = tuple(partition(labels, n, whole, seed))
-    return _PARTS[key][i]
+        entry = (labels, tuple(partition(labels, n, whole, seed)))
+        _PARTS[key] = entry
+    return entry[1][i]
 
 
 def array_task(
