@@ -152,7 +152,8 @@ def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
     skip = {"round", "update", "version", "seconds", "clients", "sampled", "examples",
             "attempts", "staleness", "mean_staleness", "buffered", "fed_clients",
             "fed_examples", "train_seconds"}
-    out = {f"final_{k}": v for k, v in last.items() if k not in skip}
+    out = {f"final_{k}": v for k, v in last.items()
+           if k not in skip and not k.startswith("secagg_")}
     out.setdefault("final_accuracy", last.get("accuracy"))
     out.setdefault("final_loss", last.get("loss"))
     return out

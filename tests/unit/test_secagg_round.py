@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedlearn.client.secagg import SecAggTask, masked_vector
+from fedlearn.client.secagg import SecAggTask, check_update
 from fedlearn.config import ServerConfig, build_strategy
 from fedlearn.errors import ConfigError, ConflictError, PayloadError
 from fedlearn.privacy.secagg import SecAggClient
 from fedlearn.privacy.secagg_messages import KeyAdvert, ShareInbox, UnmaskRequest
+from fedlearn.privacy.secagg_update import client_vector
 from fedlearn.server.coordinator import SyncCoordinator
 from fedlearn.server.store import Store
 from fedlearn.types import Weights
@@ -39,9 +40,9 @@ class Party:
         self.block = SecAggTask.from_json(json.loads(json.dumps(task.secagg)))
         self.client = SecAggClient(self.block.index, self.block.params())
 
-    def post(self, name: str, body: Any) -> None:
+    def post(self, name: str, body: Any, num_examples: int | None = None) -> None:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.coord.secagg_post(self.cid, self.task_id, name, raw)
+        self.coord.secagg_post(self.cid, self.task_id, name, raw, num_examples)
 
     def fetch(self, name: str) -> Any:
         return self.coord.secagg_fetch(self.cid, self.task_id, name)
@@ -73,11 +74,14 @@ class Run:
               vectors: dict[str, np.ndarray] | None = None) -> dict[str, Party]:
         """Every client of ``deltas`` trains and runs the stages; some vanish on the way."""
         parties = {cid: Party(self.coord, cid) for cid in deltas}
-        for p in parties.values():
-            p.post("advert", p.client.advertise().to_json())
+        for cid, p in parties.items():
+            p.post("advert", p.client.advertise().to_json(), deltas[cid][1])
         assert self.coord.step()  # training is over: keys published
+        scale = 0.0
         for p in parties.values():
-            keys = [KeyAdvert.from_json(k) for k in p.fetch("keys")["keys"]]
+            published = p.fetch("keys")
+            scale = published["example_scale"]
+            keys = [KeyAdvert.from_json(k) for k in published["keys"]]
             p.post("shares", p.client.share_keys(keys).to_json())
         assert self.coord.step()  # shares delivered
         for cid, p in parties.items():
@@ -87,7 +91,9 @@ class Run:
             d, n = deltas[cid]
             vector = (vectors or {}).get(cid)
             if vector is None:
-                vector = masked_vector(p.block, INITIAL, d, n, 0.5 + n / 100)
+                values = check_update(p.block, INITIAL, d, n)
+                vector = client_vector(values, num_examples=n, example_scale=scale,
+                                       train_loss=0.5 + n / 100, clip=p.block.clip_range)
             p.post("masked", p.client.masked_input(vector, inbox).masked)
         failures = len(self.coord.failures)
         if vanish_before_masked:
@@ -175,7 +181,7 @@ def test_too_few_clients_after_training_rerun_the_round(
     assert run.coord.min_results == 3  # a round needs the threshold
     parties = {cid: Party(run.coord, cid) for cid in ("c0", "c1")}
     for p in parties.values():
-        p.post("advert", p.client.advertise().to_json())
+        p.post("advert", p.client.advertise().to_json(), 10)
     run.clock.advance(10.1)  # c2 never finishes training
     while run.coord.step():
         pass
@@ -189,14 +195,17 @@ def test_messages_are_checked_and_retries_are_harmless(
     run = Run(tmp_path, stores, n=3)
     a, b = Party(run.coord, "c0"), Party(run.coord, "c1")
     advert = a.client.advertise().to_json()
-    a.post("advert", advert)
-    a.post("advert", advert)  # a retry after a lost answer: accepted, nothing changes
+    a.post("advert", advert, 10)
+    a.post("advert", advert, 10)  # a retry after a lost answer: accepted, nothing changes
     with pytest.raises(ConflictError, match="already sent"):
-        a.post("advert", {**advert, "mask_key": advert["cipher_key"]})
+        a.post("advert", {**advert, "mask_key": advert["cipher_key"]}, 10)
+    b_advert = b.client.advertise().to_json()
     with pytest.raises(PayloadError, match="client index"):
-        b.post("advert", {**b.client.advertise().to_json(), "client_id": a.block.index})
+        b.post("advert", {**b_advert, "client_id": a.block.index}, 10)
     with pytest.raises(PayloadError, match="JSON"):
-        b.post("advert", b"not json")
+        b.post("advert", b"not json", 10)
+    with pytest.raises(PayloadError, match="num_examples"):
+        b.post("advert", b_advert)
     with pytest.raises(ConflictError, match="not open"):
         a.post("masked", b"\x00" * 8 * a.block.dimension)
     assert a.fetch("keys") is None  # not open before training is over
@@ -212,7 +221,7 @@ def test_a_masked_vector_of_the_wrong_size_is_refused(tmp_path: Path, stores: li
     run = Run(tmp_path, stores, n=3)
     parties = {cid: Party(run.coord, cid) for cid in ("c0", "c1", "c2")}
     for p in parties.values():
-        p.post("advert", p.client.advertise().to_json())
+        p.post("advert", p.client.advertise().to_json(), 10)
     run.coord.step()
     for p in parties.values():
         keys = [KeyAdvert.from_json(k) for k in p.fetch("keys")["keys"]]
@@ -245,11 +254,11 @@ def test_what_the_server_holds_of_a_client_does_not_depend_on_its_update(
         seen: list[bytes] = []
         original = run.coord.secagg_post
 
-        def spy(cid: str, task_id: str, stage: str, body: bytes,
+        def spy(cid: str, task_id: str, stage: str, body: bytes, n: int | None = None,
                 keep: list[bytes] = seen, post: Any = original) -> dict[str, Any]:
             if stage == "masked" and cid == "c0":
                 keep.append(body)
-            return dict(post(cid, task_id, stage, body))
+            return dict(post(cid, task_id, stage, body, n))
 
         run.coord.secagg_post = spy  # type: ignore[method-assign]
         deltas = {"c0": (delta(value, -value, value), 10), "c1": DELTAS["c1"],

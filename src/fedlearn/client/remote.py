@@ -448,15 +448,20 @@ class RemoteServer:
         return self._request("POST", "/api/update", bearer=self._bearer(), params=params,
                              content=encode(delta), headers=headers)
 
-    def secagg_post(self, name: str, task_id: str, body: bytes | Mapping[str, Any]) -> None:
+    def secagg_post(self, name: str, task_id: str, body: bytes | Mapping[str, Any],
+                    num_examples: int | None = None) -> None:
         """``POST /api/secagg/<name>?task_id=T``: this client's message for a stage of
-        secure aggregation (JSON; bytes for ``masked``)."""
+        secure aggregation (JSON; bytes for ``masked``); ``num_examples`` goes with its keys
+        (``advert``)."""
         if isinstance(body, bytes):
             content, kind = body, "application/octet-stream"
         else:
             content, kind = json.dumps(body, separators=(",", ":")).encode(), "application/json"
+        params = {"task_id": task_id}
+        if num_examples is not None:
+            params["num_examples"] = str(int(num_examples))
         self._request("POST", f"/api/secagg/{name}", bearer=self._bearer(),
-                      params={"task_id": task_id}, content=content,
+                      params=params, content=content,
                       headers={"Content-Type": kind})
 
     def secagg_fetch(self, name: str, task_id: str, wait: float) -> dict[str, Any] | None:

@@ -94,7 +94,8 @@ class Remote(Protocol):
         """The run's status."""
         ...
 
-    def secagg_post(self, name: str, task_id: str, body: bytes | Mapping[str, Any]) -> None:
+    def secagg_post(self, name: str, task_id: str, body: bytes | Mapping[str, Any],
+                    num_examples: int | None = None) -> None:
         """Send this client's message for a stage of secure aggregation."""
         ...
 
@@ -544,12 +545,11 @@ class _Worker:
                     line: str) -> None:
         """Secure aggregation: check the update here (the server cannot), then mask it and
         take part in the round's stages."""
-        from fedlearn.client.secagg import SecAggTask, masked_vector, run_stages
+        from fedlearn.client.secagg import SecAggTask, check_update, run_stages
 
         secagg = SecAggTask.from_json(task.secagg or {})
         try:
-            vector = masked_vector(secagg, weights, result.delta, result.num_examples,
-                                   result.metrics.get("train_loss"))
+            values = check_update(secagg, weights, result.delta, result.num_examples)
         except PayloadError as exc:
             self.refused += 1
             self.refused_task = task.task_id  # not trained and refused again this round
@@ -562,7 +562,9 @@ class _Worker:
             self.sleep(pause)
 
         try:
-            run_stages(self.remote, task.task_id, secagg, vector, call=self.call,
+            run_stages(self.remote, task.task_id, secagg, values,
+                       num_examples=result.num_examples,
+                       train_loss=result.metrics.get("train_loss"), call=self.call,
                        wait=self.config.poll_wait, after_masked=paused if pause > 0 else None)
         except (ConflictError, SecAggAbortedError, PayloadError) as exc:
             self.refused += 1

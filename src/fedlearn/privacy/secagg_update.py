@@ -6,8 +6,8 @@ vectors, so a client folds everything the round needs from it into one:
     x = [w·δ (every array of the delta, flattened in name order), w, w·k·loss, w·k]
 
 with ``w = min(n, E) / E`` its example weight (``n`` examples trained on, ``E``
-the round's example scale: the largest count a client declared when it
-registered), ``loss`` its mean train loss and ``k`` 1 when it reports one. The
+the round's example scale: the largest count the round's clients declared
+with their keys), ``loss`` its mean train loss and ``k`` 1 when it reports one. The
 sum gives the example-weighted mean delta Σwδ / Σw (FedAvg's, as the plain path
 computes it), the examples behind the round (E·Σw) and the example-weighted
 train loss, and nothing about any one client.
@@ -15,8 +15,8 @@ train loss, and nothing about any one client.
 **Range.** Quantisation clips every coordinate to [-R, R] with
 ``R = max(B, 1)``, ``B`` the server's norm bound (``--max-update-norm``): for
 float arrays ``|w·δ_j| ≤ |δ_j| ≤ ‖δ‖ ≤ B``, and ``w ≤ 1``. Integer buffers'
-deltas and the train loss must fit in [-R, R] too. A client checks all of this
-before it masks (:func:`client_vector`) and refuses to send an update that
+deltas must fit in [-R, R] too. A client checks all of this before it
+takes part (:func:`checked_values`) and refuses to send an update that
 fails, rather than letting the clip change it silently; the server checks what
 survives aggregation (:func:`check_sum`).
 
@@ -90,11 +90,11 @@ class UpdateLayout:
         return out
 
 
-def client_vector(
+def checked_values(
     layout: UpdateLayout, spec: Spec, delta: Weights, current: Weights, *, num_examples: int,
-    example_scale: float, train_loss: float | None, norm_limit: float,
+    norm_limit: float,
 ) -> npt.NDArray[np.float64]:
-    """A client's own checks, then its vector (see the module doc).
+    """A client's own checks of its update; its values in layout order.
 
     Raises :class:`PayloadError` with one sentence for an update the server
     would refuse if it could see it: wrong names, shapes or dtypes, a NaN,
@@ -105,21 +105,28 @@ def client_vector(
     check_delta(delta, current, norm_limit)
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
         raise PayloadError(f"num_examples must be an integer of at least 1, got {num_examples!r}.")
-    if not (math.isfinite(example_scale) and example_scale >= 1):
-        raise PayloadError(f"the round's example scale must be at least 1, got {example_scale}.")
     r = clip_range(norm_limit)
-    w = example_weight(num_examples, example_scale)
     values = layout.flatten(delta)
     outside = int(np.count_nonzero(np.abs(values) > r))
     if outside:
         raise PayloadError(f"{outside} value(s) of the update lie outside the secure "
                            f"aggregation range [-{r:.4g}, {r:.4g}] (integer buffers included); "
                            "the server's --max-update-norm sets that range.")
-    known = train_loss is not None and math.isfinite(train_loss) and abs(train_loss) <= r
+    return values
+
+
+def client_vector(values: npt.NDArray[np.float64], *, num_examples: int, example_scale: float,
+                  train_loss: float | None, clip: float) -> npt.NDArray[np.float64]:
+    """The vector of the module doc from :func:`checked_values`; ``clip`` is R (a train loss
+    outside [-R, R] is left out of the loss coordinates)."""
+    if not (math.isfinite(example_scale) and example_scale >= 1):
+        raise PayloadError(f"the round's example scale must be at least 1, got {example_scale}.")
+    w = example_weight(num_examples, example_scale)
+    known = train_loss is not None and math.isfinite(train_loss) and abs(train_loss) <= clip
     loss = float(train_loss) if known and train_loss is not None else 0.0
-    out = np.empty(layout.dimension, dtype=np.float64)
-    out[:layout.size] = w * values
-    out[layout.size:] = (w, w * loss if known else 0.0, w if known else 0.0)
+    out = np.empty(values.size + EXTRA, dtype=np.float64)
+    out[:values.size] = w * values
+    out[values.size:] = (w, w * loss if known else 0.0, w if known else 0.0)
     return out
 
 

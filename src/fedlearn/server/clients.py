@@ -80,11 +80,6 @@ class ClientRegistry:
         self._add(ClientRecord(client_id, digest, num_examples, online=True, last_seen=now,
                                num_test_examples=num_test_examples, registered_at=now))
 
-    def example_scale(self) -> float:
-        """The largest example count a registered client declared (1 when none did): under
-        secure aggregation a client's weight is min(n, this) / this."""
-        return float(max([c.num_examples or 0 for c in self._clients.values()] + [1]))
-
     def check_claim(
         self, client_id: str, credential: str | None, max_clients: int,
         claim: str | None = None,

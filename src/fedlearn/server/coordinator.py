@@ -301,14 +301,16 @@ class SyncCoordinator:
                                 "through /api/secagg (see docs/protocol.md), not /api/update.")
 
     # -- secure aggregation (the stages live in server/secagg_round.py) ---------
-    def secagg_post(self, client_id: str, task_id: str, name: str, body: bytes) -> dict[str, Any]:
-        """One client's message for a stage of its round's secure aggregation."""
+    def secagg_post(self, client_id: str, task_id: str, name: str, body: bytes,
+                    num_examples: int | None = None) -> dict[str, Any]:
+        """One client's message for a stage of its round's secure aggregation (its
+        ``num_examples`` with its keys)."""
         with self._lock:
             rnd = self._secagg_round(client_id, task_id)
             agg = rnd.secagg
             if agg is None:  # pragma: no cover - _secagg_round checks it
                 raise ConflictError("this round has no secure aggregation.")
-            agg.receive(client_id, name, body)
+            agg.receive(client_id, name, body, num_examples)
             if name == "advert":  # the client's training is over
                 rnd.received.setdefault(client_id, 0)
                 complete = len(rnd.received) == len(rnd.sampled)
@@ -495,8 +497,7 @@ class SyncCoordinator:
                                 now + self.config.round_timeout, now,
                                 RoundUpdates(self.strategy), config)
         if self.secagg is not None:
-            self._round.secagg = self.secagg.open(number, attempt, frozenset(sampled),
-                                                  self._clients.example_scale())
+            self._round.secagg = self.secagg.open(number, attempt, frozenset(sampled))
         self.phase = "training"
         self._started_once = True
         self.on_change()

@@ -49,6 +49,7 @@ from fedlearn.privacy.secagg_server import SecAggServer
 from fedlearn.privacy.secagg_update import UpdateLayout, check_sum, clip_range, decode_sum
 from fedlearn.rounds import RoundFailed, RoundUpdates
 from fedlearn.seeding import rng_for
+from fedlearn.server.wire import MAX_EXAMPLES
 from fedlearn.strategies import Strategy
 from fedlearn.types import Weights
 from fedlearn.weights import RunningSum, spec_of
@@ -122,25 +123,24 @@ class SecAggPlan:
         self.clip_range = clip_range(norm_limit)
         self.seed = seed
 
-    def open(self, number: int, attempt: int, sampled: frozenset[str],
-             example_scale: float) -> SecAggRound:
+    def open(self, number: int, attempt: int, sampled: frozenset[str]) -> SecAggRound:
         """The secure aggregation of one attempt at round ``number`` among ``sampled``."""
         k = len(sampled)
         graph_seed = int(rng_for("secagg-graph", self.seed, number, attempt).integers(2**62))
         params = SecAggParams(threshold=self.settings.threshold_for(k), clip_range=self.clip_range,
                               max_clients=k, bits=self.settings.bits,
                               neighbours=self.settings.neighbours, graph_seed=graph_seed)
-        return SecAggRound(self, params, sampled, example_scale)
+        return SecAggRound(self, params, sampled)
 
 
 class SecAggRound:
     """One round attempt's stages (see the module doc); ``stage`` 0 to 3, then 4 (sum)."""
 
-    def __init__(self, plan: SecAggPlan, params: SecAggParams, sampled: frozenset[str],
-                 example_scale: float) -> None:
+    def __init__(self, plan: SecAggPlan, params: SecAggParams, sampled: frozenset[str]) -> None:
         self.plan = plan
         self.params = params
-        self.example_scale = float(example_scale)
+        self.examples: dict[str, int] = {}  # declared with the keys
+        self.example_scale = 1.0  # E: the largest count declared, fixed when keys go out
         self.server = SecAggServer(params, plan.layout.dimension)
         self.index: dict[str, int] = {}
         for cid in sorted(sampled):
@@ -166,8 +166,8 @@ class SecAggRound:
         p = self.params
         return {"index": self.index_of(client_id), "threshold": p.threshold, "bits": p.bits,
                 "range": p.clip_range, "max_clients": p.max_clients, "neighbours": p.neighbours,
-                "graph_seed": p.graph_seed, "example_scale": self.example_scale,
-                "max_update_norm": self.plan.norm_limit, "dimension": self.plan.layout.dimension,
+                "graph_seed": p.graph_seed, "max_update_norm": self.plan.norm_limit,
+                "dimension": self.plan.layout.dimension,
                 "stage_timeout": self.plan.settings.stage_timeout,
                 "seconds_left": max(0.0, seconds_left)}
 
@@ -176,16 +176,17 @@ class SecAggRound:
         """True while clients may still train and advertise their keys."""
         return self.stage == 0
 
-    def receive(self, client_id: str, name: str, body: bytes) -> None:
+    def receive(self, client_id: str, name: str, body: bytes,
+                num_examples: int | None = None) -> None:
         """A client's message for stage ``POSTS[name]``: JSON, or for ``masked`` the vector
-        as little-endian uint64 bytes.
+        as little-endian uint64 bytes; ``advert`` declares the client's ``num_examples``.
 
         A repeat of a message already taken is accepted again and changes nothing;
         ConflictError when the stage is closed or the client is not in it,
         PayloadError for a malformed message.
         """
         stage = POSTS[name]
-        digest = hashlib.sha256(body).digest()
+        digest = hashlib.sha256(body + f"/{num_examples}".encode()).digest()
         seen = self._seen.get((stage, client_id))
         if seen is not None:
             if seen == digest:
@@ -200,6 +201,8 @@ class SecAggRound:
             raise ConflictError(f"client {client_id} left this round's secure aggregation "
                                 f"before the {STAGE_NAMES[stage]} stage; fetch a new task.")
         index = self.index_of(client_id)
+        if stage == 0 and not (isinstance(num_examples, int) and 1 <= num_examples <= MAX_EXAMPLES):
+            raise PayloadError(f"the keys must come with num_examples from 1 to {MAX_EXAMPLES}.")
         message: KeyAdvert | ShareBundle | MaskedInput | UnmaskResponse
         if stage == 0:
             message = KeyAdvert.from_json(_json(body))
@@ -222,6 +225,8 @@ class SecAggRound:
             self.server.receive_unmask(message)
         self.members[stage].add(client_id)
         self._seen[(stage, client_id)] = digest
+        if stage == 0 and num_examples is not None:
+            self.examples[client_id] = num_examples
 
     def fetch(self, client_id: str, name: str) -> dict[str, Any] | None:
         """What the client needs before stage ``FETCHES[name]`` as JSON, or None until that
@@ -233,7 +238,7 @@ class SecAggRound:
         if self.stage < stage:
             return None
         if stage == 1:
-            return {"keys": self._keys}
+            return {"keys": self._keys, "example_scale": self.example_scale}
         if stage == 2:
             return {"inbox": self._inboxes[client_id].to_json()}
         if self._request is None:  # pragma: no cover - set when stage 3 opens
@@ -250,6 +255,7 @@ class SecAggRound:
         """Close stage 0: publish the keys; SecAggAbortedError below the threshold."""
         self._training_closed = now
         self._keys = [a.to_json() for a in self.server.public_keys()]
+        self.example_scale = float(max(self.examples.values()))
         self._open(1, now)
 
     def advance(self, now: float) -> str:
@@ -306,7 +312,7 @@ class SecAggRound:
             "secagg_dropped": len(self.members[1] - self.members[2]),
             "secagg_recovered": len(self.members[2] - self.members[3]),
             "secagg_seconds": round(clock() - self._training_closed, 4),
-            "unmask_seconds": round(unmask_seconds, 4),
+            "secagg_unmask_seconds": round(unmask_seconds, 4),
         }
         return updates, record
 

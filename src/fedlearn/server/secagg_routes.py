@@ -17,11 +17,12 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
 from fedlearn.server.coordinator import SyncCoordinator
 from fedlearn.server.secagg_round import FETCHES, POSTS
-from fedlearn.server.wire import ERRORS, read_body
+from fedlearn.server.wire import ERRORS, MAX_EXAMPLES, read_body
 
 MAX_POLL_SECONDS = 60.0
 #: Bytes of a JSON stage message: room for one share (about 230 bytes) per client and more.
@@ -61,10 +62,16 @@ def add_secagg_routes(app: FastAPI, coordinator: SyncCoordinator, *, wake: Calla
             request: Request,
             client_id: Annotated[str, Depends(client_auth)],
             task_id: Annotated[str, Query(max_length=300, description="the train task's id")],
+            num_examples: Annotated[int | None, Query(
+                ge=1, le=MAX_EXAMPLES, description="advert: the examples the client trained on"
+            )] = None,
         ) -> dict[str, Any]:
+            if name == "advert" and num_examples is None:
+                raise RequestValidationError([{"loc": ("query", "num_examples"),
+                                               "msg": "Field required"}])
             body = await read_body(request, masked_limit if name == "masked" else json_limit)
             return await run_in_threadpool(coordinator.secagg_post, client_id, task_id, name,
-                                           body)
+                                           body, num_examples)
 
         post.__doc__ = _WHAT[name]
         return post
