@@ -49,11 +49,12 @@ from fedlearn.privacy.secagg_server import SecAggServer
 from fedlearn.privacy.secagg_update import UpdateLayout, check_sum, clip_range, decode_sum
 from fedlearn.rounds import RoundFailed, RoundUpdates
 from fedlearn.seeding import rng_for
-from fedlearn.server.wire import MAX_EXAMPLES
 from fedlearn.strategies import Strategy
 from fedlearn.types import Weights
 from fedlearn.weights import RunningSum, spec_of
 
+#: The most examples a client may declare (as for updates, see server/wire.py).
+MAX_EXAMPLES = 10**12
 #: Default ``--secagg-bits``: every level of a client's integer is exact in float64.
 DEFAULT_BITS = 48
 #: Default ``--secagg-timeout`` (seconds each stage after training waits).
