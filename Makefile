@@ -60,6 +60,7 @@ bench: install data
 	$(BIN)/python benchmarks/w2_hundred_clients.py
 	$(BIN)/python benchmarks/w3_server_load.py
 	$(BIN)/python benchmarks/w4_stragglers.py
+	$(BIN)/python benchmarks/w8_secagg.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -3,6 +3,7 @@ toy weights, and real SecAggClients on the client side."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,11 @@ def test_messages_are_checked_and_retries_are_harmless(
         b.post("advert", {**b_advert, "client_id": a.block.index}, 10)
     with pytest.raises(PayloadError, match="JSON"):
         b.post("advert", b"not json", 10)
+    with pytest.raises(PayloadError, match="repeat keys"):
+        b.post("advert", {**b_advert, "cipher_key": advert["cipher_key"]}, 10)
+    low_order = base64.b64encode(bytes(32)).decode()  # the all-zero point
+    with pytest.raises(PayloadError, match="X25519"):
+        b.post("advert", {**b_advert, "mask_key": low_order}, 10)
     with pytest.raises(PayloadError, match="num_examples"):
         b.post("advert", b_advert)
     with pytest.raises(ConflictError, match="not open"):

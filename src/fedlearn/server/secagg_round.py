@@ -37,6 +37,7 @@ from typing import Any
 
 from fedlearn.errors import ConfigError, ConflictError, PayloadError
 from fedlearn.privacy.secagg import SecAggParams
+from fedlearn.privacy.secagg_crypto import agree
 from fedlearn.privacy.secagg_messages import (
     KeyAdvert,
     MaskedInput,
@@ -63,6 +64,8 @@ DEFAULT_STAGE_TIMEOUT = 30.0
 POSTS = {"advert": 0, "shares": 1, "masked": 2, "unmask": 3}
 #: What a client fetches before each stage (``GET /api/secagg/<name>``), by stage number.
 FETCHES = {"keys": 1, "inbox": 2, "unmask": 3}
+#: A fixed X25519 scalar to test advertised keys with (the result is thrown away).
+_PROBE = bytes(range(32))
 STAGE_NAMES = ("advertise", "share keys", "masked input", "unmask", "sum", "closed")
 
 
@@ -154,6 +157,7 @@ class SecAggRound:
         self._inboxes: dict[str, ShareInbox] = {}
         self._request: UnmaskRequest | None = None
         self._training_closed = 0.0
+        self._keys_seen: set[bytes] = set()
 
     # -- what clients get and send ---------------------------------------------------
     def index_of(self, client_id: str) -> int:
@@ -217,6 +221,8 @@ class SecAggRound:
             raise PayloadError(f"the message names client index {message.client_id}, but "
                                f"this client is {index} in this round.")
         if isinstance(message, KeyAdvert):
+            self._check_keys(message)
+        if isinstance(message, KeyAdvert):
             self.server.receive_advert(message)
         elif isinstance(message, ShareBundle):
             self.server.receive_shares(message)
@@ -228,6 +234,18 @@ class SecAggRound:
         self._seen[(stage, client_id)] = digest
         if stage == 0 and num_examples is not None:
             self.examples[client_id] = num_examples
+
+    def _check_keys(self, advert: KeyAdvert) -> None:
+        """Refuse keys another client already uses, or that are not usable X25519 keys
+        (the wrong length, or a low-order point): either would make every other client
+        refuse the key list, and the round would abort."""
+        if advert.cipher_key == advert.mask_key or self._keys_seen & {advert.cipher_key,
+                                                                    advert.mask_key}:
+            raise PayloadError("the advertised public keys repeat keys already in this round; "
+                               "make fresh keys.")
+        for key in (advert.cipher_key, advert.mask_key):
+            agree(_PROBE, key, b"fedlearn secagg key check")  # PayloadError if unusable
+        self._keys_seen |= {advert.cipher_key, advert.mask_key}
 
     def fetch(self, client_id: str, name: str) -> dict[str, Any] | None:
         """What the client needs before stage ``FETCHES[name]`` as JSON, or None until that
