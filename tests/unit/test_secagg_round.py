@@ -298,3 +298,21 @@ def test_settings_that_cannot_work_are_one_sentence(settings: dict[str, Any], ma
 def test_async_mode_refuses_secagg() -> None:
     with pytest.raises(ConfigError, match="sync"):
         ServerConfig(secagg=True, mode="async", max_updates=5)
+
+
+def test_an_unexpected_error_while_unmasking_fails_the_round_not_the_server(
+        tmp_path: Path, stores: list[Store], monkeypatch: pytest.MonkeyPatch) -> None:
+    run = Run(tmp_path, stores, n=3)
+    deltas = {k: DELTAS[k] for k in ("c0", "c1", "c2")}
+
+    def broken(self: Any) -> Any:
+        raise RuntimeError("disk on fire")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("fedlearn.privacy.secagg_server.SecAggServer.result", broken)
+        run.round(deltas)
+    assert run.coord.state.version == 0 and "RuntimeError: disk on fire" in (
+        run.coord.failures[0]["reason"])
+    run.clock.advance(1)
+    run.round(deltas)  # the round runs again, and this time it sums
+    assert run.coord.state.version == 1 and run.records[0]["attempts"] == 2

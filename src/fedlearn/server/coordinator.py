@@ -370,6 +370,10 @@ class SyncCoordinator:
                 reason = f"secure aggregation aborted: {reason}"
             self._fail_round(rnd, reason)
             return None
+        except Exception as exc:  # the stages are spent: this attempt cannot be retried
+            log.exception("round %d: unmasking the sum failed", rnd.number)
+            self._fail_round(rnd, f"unmasking the sum failed ({type(exc).__name__}: {exc})")
+            return None
         except BaseException:
             with self._lock:
                 self._closing = False

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fedlearn.errors import ConfigError, ConflictError, PayloadError
+from fedlearn.errors import ConfigError, ConflictError, PayloadError, SecAggAbortedError
 from fedlearn.privacy.secagg import SecAggParams
 from fedlearn.privacy.secagg_crypto import agree
 from fedlearn.privacy.secagg_messages import (
@@ -280,7 +280,10 @@ class SecAggRound:
     def advance(self, now: float) -> str:
         """Close the open stage (1 to 3) when it is due: ``wait``, ``moved`` or ``sum``
         (the last stage closed: call :meth:`finish`). SecAggAbortedError below the threshold."""
-        if not 1 <= self.stage <= 3:
+        if self.stage >= 4:  # its sum was taken, and closing the round with it failed
+            raise SecAggAbortedError("the round could not be closed with its sum; it runs "
+                                     "again with fresh keys.")
+        if self.stage < 1:
             return "wait"
         if not self.stage_complete() and now < self.deadline:
             return "wait"
