@@ -25,10 +25,12 @@ MODES = ("sync", "async")
 #: The run settings that tune a strategy spec (None: the strategy's default).
 STRATEGY_OPTIONS = ("server_lr", "server_momentum", "beta1", "beta2", "tau", "prox_mu",
                     "clip_norm")
+#: The secure aggregation settings that only apply with ``secagg = true``.
+SECAGG_OPTIONS = ("secagg_threshold", "secagg_bits", "secagg_neighbours", "secagg_timeout")
 #: How config.toml records a strategy given as a Python object no spec describes.
 OBJECT_PREFIX = "object:"
 #: Client config keys a strategy sets (from its own flags, never from [client]).
-STRATEGY_KEYS = ("prox_mu", "scaffold")
+STRATEGY_KEYS = ("prox_mu", "scaffold", "dp_clip")
 
 T = TypeVar("T")
 
@@ -234,6 +236,11 @@ class ServerConfig:
     dp_clip_on: str = "server"
     dp_delta: float | None = None
     dp_target_epsilon: float | None = None
+    secagg: bool = False
+    secagg_threshold: int | None = None
+    secagg_bits: int | None = None
+    secagg_neighbours: int | None = None
+    secagg_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -285,6 +292,43 @@ class ServerConfig:
                                   "after --rounds.")
         else:
             self._check_async()
+        self._check_secagg()
+
+    def _check_secagg(self) -> None:
+        given = [f"--{name.replace('_', '-')}" for name in SECAGG_OPTIONS
+                 if getattr(self, name) is not None]
+        if not self.secagg:
+            if given:
+                raise ConfigError(f"{', '.join(given)} applies with --secagg; add --secagg or "
+                                  "drop it.")
+            return
+        if self.mode != "sync":
+            raise ConfigError("--secagg runs in --mode sync (a round's clients mask their "
+                              "updates together); drop --mode async.")
+        if self.max_update_norm == 0:
+            raise ConfigError("--secagg needs a norm bound to size its quantisation range; "
+                              "give --max-update-norm a positive value or leave its default.")
+        t, k, bits = self.secagg_threshold, self.secagg_neighbours, self.secagg_bits
+        if t is not None and t < 2:
+            raise ConfigError(f"--secagg-threshold must be at least 2, got {t}.")
+        if bits is not None and not 8 <= bits <= 62:
+            raise ConfigError(f"--secagg-bits must be from 8 to 62, got {bits}.")
+        if k is not None and (k < 2 or k % 2):
+            raise ConfigError(f"--secagg-neighbours must be an even number of at least 2, "
+                              f"got {k}.")
+        if k is not None and t is not None and t > k + 1:
+            raise ConfigError(f"--secagg-threshold {t} is more than a client's {k} neighbours "
+                              "and itself hold shares; lower it or raise --secagg-neighbours.")
+        if self.secagg_timeout is not None and not (
+                self.secagg_timeout > 0 and math.isfinite(self.secagg_timeout)):
+            raise ConfigError(f"--secagg-timeout must be a positive number of seconds, got "
+                              f"{self.secagg_timeout}.")
+        if not str(self.strategy).startswith(OBJECT_PREFIX) and build_strategy(self).needs_all:
+            raise ConfigError(f"--secagg lets the server see only the sum of the updates, but "
+                              f"--strategy {self.strategy}"
+                              f"{' with --clip-norm' if self.clip_norm is not None else ''} "
+                              "needs every client's own update; use fedavg, fedavgm, fedadam, "
+                              "fedyogi, fedadagrad or fedprox.")
 
     def _check_async(self) -> None:
         from fedlearn.strategies.async_policies import make_policy

@@ -153,7 +153,8 @@ def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
             "attempts", "staleness", "mean_staleness", "buffered", "fed_clients",
             "fed_examples", "train_seconds", "virtual_time", "round_virtual_seconds",
             "dropped", "refused", "staleness_mean", "staleness_max", "distinct_clients"}
-    out = {f"final_{k}": v for k, v in last.items() if k not in skip}
+    out = {f"final_{k}": v for k, v in last.items()
+           if k not in skip and not k.startswith("secagg_")}
     out.setdefault("final_accuracy", last.get("accuracy"))
     out.setdefault("final_loss", last.get("loss"))
     return out

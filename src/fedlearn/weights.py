@@ -71,6 +71,24 @@ class RunningSum:
         self.total_weight = 0.0
         self.count = 0
 
+    @classmethod
+    def of_sum(cls, sums: Mapping[str, np.ndarray], total_weight: float, count: int,
+               dtypes: Mapping[str, np.dtype]) -> RunningSum:
+        """A running sum that already holds ``count`` weights adding up to ``sums``
+        (Σ factor·w, per name) with factors adding up to ``total_weight``; ``mean``
+        casts to ``dtypes``. For a sum computed elsewhere, e.g. by secure aggregation."""
+        if sums.keys() != dtypes.keys():
+            raise ValueError("the sums and their dtypes name different arrays")
+        if not total_weight >= 0 or count < 0:
+            raise ValueError(f"a sum needs a non-negative weight and count, got "
+                             f"{total_weight} and {count}")
+        out = cls()
+        out._sum = {k: np.array(v, dtype=np.float64) for k, v in sums.items()}
+        out._dtypes = {k: np.dtype(v) for k, v in dtypes.items()}
+        out.total_weight = float(total_weight)
+        out.count = count
+        return out
+
     def add(self, w: Weights, factor: float) -> None:
         """Fold ``factor * w`` into the sum."""
         if not factor >= 0:

@@ -22,6 +22,10 @@ CHECKS = [
      {"fastapi", "starlette", "uvicorn", "httpx", "torch", "fedlearn.cli"}),
     ("fedlearn.server.async_coordinator",
      {"fastapi", "starlette", "uvicorn", "httpx", "torch", "fedlearn.cli"}),
+    ("fedlearn.server.secagg_round",
+     {"fastapi", "starlette", "uvicorn", "httpx", "torch", "fedlearn.cli"}),
+    # The client's side of secure aggregation speaks through the worker's remote.
+    ("fedlearn.client.secagg", {"fastapi", "starlette", "httpx", "torch", "fedlearn.cli"}),
 ]
 
 

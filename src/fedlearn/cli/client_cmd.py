@@ -145,6 +145,11 @@ def client(
                                  "or training on flipped labels (label-flip).",
                                  rich_help_panel="Robustness benchmarks")
     ] = None,
+    pause_after_masked: Annotated[
+        float, typer.Option("--pause-after-masked", hidden=True,
+                            help="Tests only: sleep this long after each masked upload of a "
+                            "secure aggregation round, before the unmask stage.")
+    ] = 0.0,
 ) -> None:
     """Join a server's run: train on local data each round and send the updates."""
     from fedlearn.client.identity import default_credential_file
@@ -180,7 +185,7 @@ def client(
         ca_file=None if ca_file is None else str(ca_file),
         cpu_slot=None if cpu_slot is None else str(cpu_slot), max_offline=max_offline,
         dp_sgd=dp_sgd, dp_delta=dp_delta,
-        attack=attack or "",
+        attack=attack or "", pause_after_masked=pause_after_masked,
     )
     set_threads(threads)
 

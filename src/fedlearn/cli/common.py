@@ -199,7 +199,8 @@ def metrics_text(record: dict[str, Any], limit: int = 4) -> str:
     ordered = sorted(record.items(), key=lambda kv: (not kv[0].endswith("accuracy"),
                                                      kv[0].startswith("fed_")))
     for key, value in ordered:
-        if key in SKIP_METRICS or not isinstance(value, int | float) or isinstance(value, bool):
+        if (key in SKIP_METRICS or key.startswith("secagg_")
+                or not isinstance(value, int | float) or isinstance(value, bool)):
             continue
         shown = pct(value) if key.endswith("accuracy") else f"{float(value):.4f}"
         parts.append(f"{key} {shown}")

@@ -54,12 +54,18 @@ from fedlearn.cli.server_cmds import (
     ProxMuOpt,
     RoundTimeoutOpt,
     SaveEveryOpt,
+    SecAggBitsOpt,
+    SecAggNeighboursOpt,
+    SecAggOpt,
+    SecAggThresholdOpt,
+    SecAggTimeoutOpt,
     ServerLrOpt,
     ServerMomentumOpt,
     StalenessFnOpt,
     StrategyOpt,
     TauOpt,
     dp_flags,
+    secagg_flags,
     strategy_flags,
 )
 from fedlearn.errors import ConfigError, FedlearnError
@@ -124,6 +130,11 @@ def run(
     tau: TauOpt = None,
     prox_mu: ProxMuOpt = None,
     clip_norm: ClipNormOpt = None,
+    secagg: SecAggOpt = False,
+    secagg_threshold: SecAggThresholdOpt = None,
+    secagg_bits: SecAggBitsOpt = None,
+    secagg_neighbours: SecAggNeighboursOpt = None,
+    secagg_timeout: SecAggTimeoutOpt = None,
     save_every: SaveEveryOpt = None,
     mode: ModeOpt = None,
     async_policy: AsyncPolicyOpt = None,
@@ -176,6 +187,8 @@ def run(
         **strategy_flags(strategy, server_lr, server_momentum, beta1, beta2, tau, prox_mu,
                          clip_norm),
         **dp_flags(dp_noise_multiplier, dp_clip, dp_clip_on, dp_delta, dp_target_epsilon),
+        **secagg_flags(secagg, secagg_threshold, secagg_bits, secagg_neighbours,
+                       secagg_timeout),
     }
     # Refuse bad settings here, before any process starts.
     the_task, ref = resolve_task(task, dataset, model)
@@ -198,6 +211,11 @@ def run(
             raise ConfigError(f"strategy {settings.strategy} needs at least {needed} updates "
                               f"a round but the run has {clients} clients; add clients or "
                               "choose a smaller F.")
+        least = max(2, settings.secagg_threshold or 2)
+        if settings.secagg and least > clients:
+            raise ConfigError(f"--secagg needs at least {least} clients a round (its threshold) "
+                              f"but the run has {clients}; add clients or lower "
+                              "--secagg-threshold.")
     parts = [client_partition(partition, clients, i) for i in range(clients)]
     hostile = _attackers(attack, attackers, clients, seed, the_task)
     slow = _parse_slowdown(slowdown or [], clients)
@@ -229,7 +247,9 @@ def run(
     for name, value in (("fraction", fraction), ("min_results", min_results),
                         ("round_timeout", round_timeout), ("eval_fraction", eval_fraction),
                         *run_flags.items()):
-        if value is not None:
+        if value is True:  # a flag (--secagg)
+            server_cmd.append("--" + name.replace("_", "-"))
+        elif value is not None:
             server_cmd += ["--" + name.replace("_", "-"), str(value)]
     procs: dict[str, subprocess.Popen[bytes]] = {}
     files: list[IO[bytes]] = []

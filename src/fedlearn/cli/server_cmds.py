@@ -79,6 +79,40 @@ ClipNormOpt = Annotated[
 ]
 
 
+SecAggOpt = Annotated[
+    bool, typer.Option("--secagg", help="Secure aggregation (SecAgg+): clients mask "
+                              "their updates and the server learns only their sum. Streaming "
+                              "strategies only (fedavg, fedavgm, fedadam, fedyogi, fedadagrad, "
+                              "fedprox); see the README.")
+]
+SecAggThresholdOpt = Annotated[
+    int | None, typer.Option("--secagg-threshold", help="Secure aggregation: the fewest "
+                             "clients a round may go on with, and the shares that rebuild a "
+                             "secret. [default: a majority of each client's share holders]")
+]
+SecAggBitsOpt = Annotated[
+    int | None, typer.Option("--secagg-bits", help="Secure aggregation: the ring Z_2^B the "
+                             "masked updates live in (8 to 62). [default: 48]")
+]
+SecAggNeighboursOpt = Annotated[
+    int | None, typer.Option("--secagg-neighbours", help="Secure aggregation: SecAgg+'s "
+                             "even number of neighbours per client (masks and shares only "
+                             "with them). [default: every other client]")
+]
+SecAggTimeoutOpt = Annotated[
+    float | None, typer.Option("--secagg-timeout", help="Secure aggregation: seconds each "
+                               "stage after training waits for the clients still in the "
+                               "round. [default: 30]")
+]
+
+
+def secagg_flags(secagg: bool, threshold: int | None, bits: int | None,
+                 neighbours: int | None, timeout: float | None) -> dict[str, Any]:
+    """The secure aggregation flags as run settings (None: not given)."""
+    return {"secagg": secagg or None, "secagg_threshold": threshold, "secagg_bits": bits,
+            "secagg_neighbours": neighbours, "secagg_timeout": timeout}
+
+
 def strategy_flags(
     strategy: str | None, server_lr: float | None, server_momentum: float | None,
     beta1: float | None, beta2: float | None, tau: float | None, prox_mu: float | None,
@@ -263,6 +297,11 @@ def server(
         "--dp-delta", help="delta of DP-FedAvg's reported epsilon. [default: 1/--min-clients]",
         rich_help_panel="Differential privacy")] = None,
     dp_target_epsilon: DPTargetOpt = None,
+    secagg: SecAggOpt = False,
+    secagg_threshold: SecAggThresholdOpt = None,
+    secagg_bits: SecAggBitsOpt = None,
+    secagg_neighbours: SecAggNeighboursOpt = None,
+    secagg_timeout: SecAggTimeoutOpt = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Run seed. [default: 0]")] = None,
     save_every: SaveEveryOpt = None,
     mode: ModeOpt = None,
@@ -336,6 +375,8 @@ def server(
         **strategy_flags(strategy, server_lr, server_momentum, beta1, beta2, tau, prox_mu,
                          clip_norm),
         **dp_flags(dp_noise_multiplier, dp_clip, dp_clip_on, dp_delta, dp_target_epsilon),
+        **secagg_flags(secagg, secagg_threshold, secagg_bits, secagg_neighbours,
+                       secagg_timeout),
         "seed": seed, "save_every": save_every,
         "mode": mode, "async_policy": async_policy, "async_alpha": async_alpha,
         "staleness_fn": staleness_fn, "max_staleness": max_staleness,

@@ -83,7 +83,8 @@ class Registration:
 @dataclass(frozen=True)
 class Task:
     """The answer to ``GET /api/task``: ``train`` (round, version, seed, the round's
-    config), ``evaluate`` (round, version), ``wait`` or ``done``."""
+    config; under secure aggregation ``secagg``, what the client needs to mask its
+    update), ``evaluate`` (round, version), ``wait`` or ``done``."""
 
     action: str
     round: int = 0
@@ -91,6 +92,7 @@ class Task:
     seed: int = 0
     task_id: str = ""
     config: dict[str, Any] | None = None
+    secagg: dict[str, Any] | None = None
 
 
 def backoff_delay(k: int, *, base: float, max_wait: float) -> float:
@@ -375,10 +377,12 @@ class RemoteServer:
         try:
             # An async run's tasks have no round.
             config = body.get("config")
+            secagg = body.get("secagg")
             return Task(action=str(action), round=int(body.get("round", 0)),
                         version=int(body["version"]), seed=int(body.get("seed", 0)),
                         task_id=str(body.get("task_id") or ""),
-                        config=dict(config) if isinstance(config, dict) else None)
+                        config=dict(config) if isinstance(config, dict) else None,
+                        secagg=dict(secagg) if isinstance(secagg, dict) else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteError(f"the server sent a train task without a valid {exc}; use the "
                               "same fedlearn version on server and clients.") from exc
@@ -443,6 +447,34 @@ class RemoteServer:
             headers["X-Fedlearn-Run"] = self.run_id
         return self._request("POST", "/api/update", bearer=self._bearer(), params=params,
                              content=encode(delta), headers=headers)
+
+    def secagg_post(self, name: str, task_id: str, body: bytes | Mapping[str, Any],
+                    num_examples: int | None = None) -> None:
+        """``POST /api/secagg/<name>?task_id=T``: this client's message for a stage of
+        secure aggregation (JSON; bytes for ``masked``); ``num_examples`` goes with its keys
+        (``advert``)."""
+        if isinstance(body, bytes):
+            content, kind = body, "application/octet-stream"
+        else:
+            content, kind = json.dumps(body, separators=(",", ":")).encode(), "application/json"
+        params = {"task_id": task_id}
+        if num_examples is not None:
+            params["num_examples"] = str(int(num_examples))
+        self._request("POST", f"/api/secagg/{name}", bearer=self._bearer(),
+                      params=params, content=content,
+                      headers={"Content-Type": kind})
+
+    def secagg_fetch(self, name: str, task_id: str, wait: float) -> dict[str, Any] | None:
+        """``GET /api/secagg/<name>?task_id=T&wait=S``: what this client needs before a
+        stage, or None when the stage did not open within ``wait`` seconds (at most 60)."""
+        httpx = self._httpx
+        seconds = min(max(float(wait), 0.0), MAX_POLL_WAIT)
+        body = self._json(self._request(
+            "GET", f"/api/secagg/{name}", bearer=self._bearer(),
+            params={"task_id": task_id, "wait": _number(seconds)},
+            timeout=httpx.Timeout(seconds + READ_MARGIN, connect=CONNECT_TIMEOUT),
+        ), f"secagg {name}")
+        return body if body.get("ready") is True else None
 
     def status(self) -> dict[str, Any]:
         """``GET /api/status``: the run's state, round and accuracy history."""

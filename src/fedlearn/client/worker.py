@@ -31,7 +31,14 @@ from fedlearn.client.remote import (
     with_retries,
 )
 from fedlearn.config import TrainConfig
-from fedlearn.errors import AuthError, ConfigError, ConflictError, RemoteError
+from fedlearn.errors import (
+    AuthError,
+    ConfigError,
+    ConflictError,
+    PayloadError,
+    RemoteError,
+    SecAggAbortedError,
+)
 from fedlearn.tasks.base import ClientData, Data, DataContext
 from fedlearn.tasks.base import Task as TaskDef
 from fedlearn.types import ClientResult, ControlVariates, Weights
@@ -87,6 +94,15 @@ class Remote(Protocol):
         """The run's status."""
         ...
 
+    def secagg_post(self, name: str, task_id: str, body: bytes | Mapping[str, Any],
+                    num_examples: int | None = None) -> None:
+        """Send this client's message for a stage of secure aggregation."""
+        ...
+
+    def secagg_fetch(self, name: str, task_id: str, wait: float) -> dict[str, Any] | None:
+        """What this client needs before a stage of secure aggregation (None: not open yet)."""
+        ...
+
     def close(self) -> None:
         """Release the connection."""
         ...
@@ -111,7 +127,9 @@ class WorkerConfig:
     the server stays unreachable through every retry, before it gives up.
     ``attack`` (robustness benchmarks only) makes this client an attacker
     (:mod:`fedlearn.attacks`): it poisons its delta or its training labels, and
-    goes on when the server refuses what it sends.
+    goes on when the server refuses what it sends. ``pause_after_masked`` (tests
+    only) sleeps that long after the masked upload of a secure aggregation round,
+    before the unmask stage, so a test can kill the client there.
     """
 
     server: str
@@ -137,6 +155,7 @@ class WorkerConfig:
     dp_sgd: str | None = None
     dp_delta: float = 1e-5
     attack: str = ""
+    pause_after_masked: float = 0.0
 
     def __post_init__(self) -> None:
         from fedlearn.privacy.dpsgd import parse_dp_sgd
@@ -395,6 +414,14 @@ class _Worker:
         result = self.local.fit(weights, config, seed=task.seed, round_number=task.round,
                                 version=task.version, slowdown=self.config.slowdown,
                                 control=control)
+        bound = config.extra.get("dp_clip")
+        if bound is not None:
+            # DP-FedAvg with --dp-clip-on client: the delta is clipped before it leaves.
+            from fedlearn.privacy.dp import clip
+
+            # A non-finite delta cannot be clipped: the server refuses it with a sentence.
+            with contextlib.suppress(PayloadError):
+                result = dataclasses.replace(result, delta=clip(result.delta, float(bound))[0])
         if not self.attackers.active:
             return result
         return dataclasses.replace(result, delta=self.attackers.delta(
@@ -498,6 +525,9 @@ class _Worker:
             self.controls.keep(task.version, result.control)
         line = f"round {task.round}: {result.num_examples} examples, " + describe(result.metrics)
         self.last_round = task.round
+        if task.secagg is not None:
+            self.send_masked(task, weights, result, line)
+            return
         payload = pack(result.delta, result.extra)
         try:
             self.call(lambda: self.remote.submit_update(
@@ -517,6 +547,39 @@ class _Worker:
             return
         self.trained += 1
         self.log(line)
+
+
+    def send_masked(self, task: Task, weights: Weights, result: ClientResult,
+                    line: str) -> None:
+        """Secure aggregation: check the update here (the server cannot), then mask it and
+        take part in the round's stages."""
+        from fedlearn.client.secagg import SecAggTask, check_update, run_stages
+
+        secagg = SecAggTask.from_json(task.secagg or {})
+        try:
+            values = check_update(secagg, weights, result.delta, result.num_examples)
+        except PayloadError as exc:
+            self.refused += 1
+            self.refused_task = task.task_id  # not trained and refused again this round
+            self.log(f"{line}; update not sent, it fails this client's own checks: {exc}")
+            return
+        pause = self.config.pause_after_masked
+
+        def paused() -> None:
+            self.log(f"round {task.round}: masked update sent; pausing {pause:g}s")
+            self.sleep(pause)
+
+        try:
+            run_stages(self.remote, task.task_id, secagg, values,
+                       num_examples=result.num_examples,
+                       train_loss=result.metrics.get("train_loss"), call=self.call,
+                       wait=self.config.poll_wait, after_masked=paused if pause > 0 else None)
+        except (ConflictError, SecAggAbortedError, PayloadError) as exc:
+            self.refused += 1
+            self.log(f"{line}; secure aggregation did not finish for this client: {exc}")
+            return
+        self.trained += 1
+        self.log(f"{line} (sent masked)")
 
 
 def describe(metrics: Mapping[str, float]) -> str:

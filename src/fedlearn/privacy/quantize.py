@@ -35,15 +35,23 @@ def ring_mask(bits: int) -> np.uint64:
 
 
 def quantize(
-    x: npt.NDArray[np.floating], clip_range: float, q_scale: float, rng: np.random.Generator
+    x: npt.NDArray[np.floating], clip_range: float, q_scale: float, rng: np.random.Generator,
+    *, top: int | None = None,
 ) -> Ring:
-    """Clip ``x`` to [-R, R] and map it to integers in [0, 2R·scale] by stochastic rounding."""
+    """Clip ``x`` to [-R, R] and map it to integers in [0, 2R·scale] by stochastic rounding.
+
+    ``top`` (the levels L) caps the integers exactly: above 2^53 the float
+    product 2R·scale may round past L, and n clients at the top of the range
+    would then wrap the ring.
+    """
     y = (np.clip(np.asarray(x, dtype=np.float64), -clip_range, clip_range) + clip_range) * q_scale
     floor = np.floor(y)
     up = rng.random(y.shape) < (y - floor)
     q = floor + up
-    top = np.floor(2 * clip_range * q_scale)
-    out: Ring = np.minimum(q, top).astype(np.uint64)
+    cap = np.floor(2 * clip_range * q_scale)
+    out: Ring = np.minimum(q, cap).astype(np.uint64)
+    if top is not None:
+        np.minimum(out, np.uint64(top), out=out)
     return out
 
 

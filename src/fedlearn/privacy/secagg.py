@@ -200,7 +200,8 @@ class SecAggClient:
             raise PayloadError("the vector to aggregate holds NaN or infinite values.")
         p = self.params
         noise_rng = np.random.Generator(np.random.PCG64(int.from_bytes(self._rng(16), "big")))
-        y = quantize.quantize(x, p.clip_range, p.scale, noise_rng)
+        y = quantize.quantize(x, p.clip_range, p.scale, noise_rng,
+                              top=quantize.levels(p.bits, p.max_clients))
         y += expand_mask(self._self_seed, x.size, p.bits)
         for v in inbox.ciphertexts:
             seed = agree(self._mask_sk, self._adverts[v].mask_key, INFO_MASK)

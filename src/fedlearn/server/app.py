@@ -384,6 +384,10 @@ def create_app(
         counts and its own record; the join token sees every client id)."""
         return {"run_id": run_id, **coordinator.status(viewer)}
 
+    if isinstance(coordinator, SyncCoordinator) and coordinator.secagg is not None:
+        from fedlearn.server.secagg_routes import add_secagg_routes
+
+        add_secagg_routes(app, coordinator, wake=lambda: hub.event, client_auth=client_auth)
     return app
 
 

@@ -15,6 +15,7 @@ evaluation and checkpointing run outside them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedlearn.config import ServerConfig, TrainConfig, privacy_budget
-from fedlearn.errors import ConflictError, PayloadError
+from fedlearn.errors import ConflictError, PayloadError, SecAggAbortedError
 from fedlearn.rounds import (
     RoundFailed,
     RoundUpdates,
@@ -35,6 +36,7 @@ from fedlearn.rounds import (
 from fedlearn.seeding import task_seed
 from fedlearn.server.clients import ClientRegistry, check_identity
 from fedlearn.server.fedeval import FedEval
+from fedlearn.server.secagg_round import SecAggPlan, SecAggSettings
 from fedlearn.server.store import Store
 from fedlearn.server.sync_round import OpenRound, wire_for
 from fedlearn.server.sync_types import DONE, WAIT, Evaluator, Task, eval_record
@@ -103,6 +105,12 @@ class SyncCoordinator:
         self._clients = ClientRegistry(store)
         self.fed_eval = FedEval(clock, config.round_timeout)
         self.norm_limit = config.update_norm_limit(float_norm(initial))
+        #: secure aggregation (--secagg): clients send masked vectors through /api/secagg
+        settings = SecAggSettings.of(config)
+        self.secagg = None if settings is None else SecAggPlan(
+            settings, strategy, initial, self.norm_limit, config.seed)
+        if settings is not None:
+            self.min_results = max(self.min_results, settings.min_clients)
         self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.failures: list[dict[str, Any]] = list(store.get_meta("failures", []))
         self.short_rounds = 0
@@ -192,14 +200,19 @@ class SyncCoordinator:
             or self._closing
             or client_id not in rnd.sampled
             or client_id in rnd.received
+            or (rnd.secagg is not None and not rnd.secagg.training_open)
         ):
             return WAIT
         rnd.picked.add(client_id)
-        return Task(
+        task = Task(
             "train", rnd.number, self.state.version,
             task_seed(self.config.seed, rnd.number, client_id),
             f"r{rnd.number}.{rnd.attempt}.{client_id}", rnd.config,
         )
+        if rnd.secagg is not None:
+            task = dataclasses.replace(task, secagg=rnd.secagg.block(
+                client_id, rnd.deadline - self.clock()))
+        return task
 
     def model_bytes(self) -> tuple[bytes, int]:
         """The global model (with the strategy's extra arrays, see the class doc) as
@@ -230,6 +243,7 @@ class SyncCoordinator:
         ``delta`` holds the extra deltas the strategy asks for as ``GROUP/NAME``
         entries (:attr:`update_spec`)."""
         key = f"{client_id}/{task_id}"
+        self._refuse_plain_update()
         with self._lock:
             if task_id is not None and key in self._answers:
                 return self._answers[key]
@@ -278,6 +292,7 @@ class SyncCoordinator:
 
     def precheck(self, client_id: str, round_number: int, task_id: str | None) -> None:
         """Refuse an update that cannot be taken before its body is read (409)."""
+        self._refuse_plain_update()
         with self._lock:
             if task_id is not None and f"{client_id}/{task_id}" in self._answers:
                 return
@@ -289,6 +304,91 @@ class SyncCoordinator:
             if client_id not in rnd.sampled:
                 raise ConflictError(f"client {client_id} was not sampled for round "
                                     f"{round_number}; wait for a task.")
+
+    def _refuse_plain_update(self) -> None:
+        if self.secagg is not None:
+            raise ConflictError("this run uses secure aggregation: send the masked update "
+                                "through /api/secagg (see docs/protocol.md), not /api/update.")
+
+    # -- secure aggregation (the stages live in server/secagg_round.py) ---------
+    def secagg_post(self, client_id: str, task_id: str, name: str, body: bytes,
+                    num_examples: int | None = None) -> dict[str, Any]:
+        """One client's message for a stage of its round's secure aggregation (its
+        ``num_examples`` with its keys)."""
+        with self._lock:
+            rnd = self._secagg_round(client_id, task_id)
+            agg = rnd.secagg
+            if agg is None:  # pragma: no cover - _secagg_round checks it
+                raise ConflictError("this round has no secure aggregation.")
+            agg.receive(client_id, name, body, num_examples)
+            if name == "advert":  # the client's training is over
+                rnd.received.setdefault(client_id, 0)
+                complete = len(rnd.received) == len(rnd.sampled)
+            else:
+                complete = agg.stage_complete()
+        if complete:
+            self.on_change()
+        return {"accepted": True, "round": rnd.number}
+
+    def secagg_fetch(self, client_id: str, task_id: str, name: str) -> dict[str, Any] | None:
+        """What a client needs before the stage ``name`` opens, or None until it opens."""
+        with self._lock:
+            agg = self._secagg_round(client_id, task_id).secagg
+            return None if agg is None else agg.fetch(client_id, name)
+
+    def _secagg_round(self, client_id: str, task_id: str) -> OpenRound:
+        rnd = self._round
+        if rnd is None or rnd.secagg is None or task_id != (
+                f"r{rnd.number}.{rnd.attempt}.{client_id}") or client_id not in rnd.sampled:
+            raise ConflictError(f"task {task_id} has no open secure aggregation (its round "
+                                "closed, failed or was never this client's); fetch a new task.")
+        return rnd
+
+    def _secagg_step(self, rnd: OpenRound, now: float, training: bool) -> str:
+        """Under the lock: close the training stage or a later one when due; ``wait``,
+        ``moved``, ``sum`` or ``abort: REASON``."""
+        agg = rnd.secagg
+        if agg is None:  # pragma: no cover
+            return "wait"
+        try:
+            if training:
+                agg.close_training(now)
+                outcome = "moved"
+            else:
+                outcome = agg.advance(now)
+        except SecAggAbortedError as exc:
+            outcome = f"abort: secure aggregation aborted: {str(exc).rstrip('.')}"
+        if outcome != "wait":
+            for cid in agg.missing():
+                self._clients[cid].dropped = True
+        if outcome == "moved":
+            self.on_change()
+        elif outcome != "wait":
+            self._closing = True
+        return outcome
+
+    def _finish_secagg(self, rnd: OpenRound) -> dict[str, Any] | None:
+        """Unmask the round's sum (outside the lock) into ``rnd.updates``; the record's
+        fields, or None when the round failed (recorded and run again)."""
+        if rnd.secagg is None:  # pragma: no cover
+            return None
+        try:
+            rnd.updates, fields = rnd.secagg.finish(self.clock)
+        except (SecAggAbortedError, RoundFailed, PayloadError) as exc:
+            reason = str(exc).rstrip(".")
+            if isinstance(exc, SecAggAbortedError):
+                reason = f"secure aggregation aborted: {reason}"
+            self._fail_round(rnd, reason)
+            return None
+        except Exception as exc:  # the stages are spent: this attempt cannot be retried
+            log.exception("round %d: unmasking the sum failed", rnd.number)
+            self._fail_round(rnd, f"unmasking the sum failed ({type(exc).__name__}: {exc})")
+            return None
+        except BaseException:
+            with self._lock:
+                self._closing = False
+            raise
+        return fields
 
     def submit_evaluation(
         self, client_id: str, key: int, metrics: dict[str, float], num_examples: int
@@ -307,11 +407,15 @@ class SyncCoordinator:
             if not self._started_once and self._known_before and now < self._returning_until:
                 waits.append(self._returning_until - now + 0.01)
             rnd = self._round
+            if rnd is not None and rnd.secagg is not None and not rnd.secagg.training_open:
+                if not self._closing:  # a stage of secure aggregation after training
+                    waits.append(max(0.0, rnd.secagg.deadline - now) + 0.01)
+                rnd = None
             due = self._pickup_due_locked(rnd) if rnd is not None and not self._closing else []
             if due:
                 waits.append(max(0.0, min(due) - now) + 0.01)
-            if self._round is not None and not self._closing:
-                waits.append(max(0.0, self._round.deadline - self.clock()))
+            if rnd is not None and not self._closing:
+                waits.append(max(0.0, rnd.deadline - self.clock()))
             found = [w for w in waits if w is not None]
             return min(found) if found else None
 
@@ -321,6 +425,7 @@ class SyncCoordinator:
             return True
         if self._finish_evaluations():
             return True
+        secagg = ""
         with self._lock:
             if self.phase == "done" or self._closing:
                 return False
@@ -330,28 +435,44 @@ class SyncCoordinator:
                 if self.state.version >= self.rounds:
                     return False
                 return self._start_round_locked(self.state.version + 1, attempt=self._attempt)
-            if rnd.replace_absent(self._clients, now, self._pickup_seconds(), self.config.seed):
-                self.on_change()
-                return True
-            complete = len(rnd.received) == len(rnd.sampled)
-            expired = now >= rnd.deadline
-            if not complete and not expired:
-                return False
-            if not complete:
-                for cid in rnd.sampled - rnd.received.keys():
-                    self._clients[cid].dropped = True
-            if len(rnd.received) < self.min_results:
-                log.warning("round %d: %d update(s) by the deadline, fewer than the %d needed "
-                            "(--min-results, or the strategy's minimum); running it again "
-                            "with a new sample", rnd.number, len(rnd.received),
-                            self.min_results)
-                self.short_rounds += 1
-                self._round = None
-                self._start_round_locked(rnd.number, attempt=rnd.attempt + 1)
-                self.on_change()
-                return True
+            if rnd.secagg is not None and not rnd.secagg.training_open:
+                # After training: a stage of secure aggregation closes when it is due.
+                secagg = self._secagg_step(rnd, now, training=False)
+                if secagg in ("wait", "moved"):
+                    return secagg == "moved"
+            else:
+                if rnd.replace_absent(self._clients, now, self._pickup_seconds(),
+                                      self.config.seed):
+                    self.on_change()
+                    return True
+                complete = len(rnd.received) == len(rnd.sampled)
+                expired = now >= rnd.deadline
+                if not complete and not expired:
+                    return False
+                if not complete:
+                    for cid in rnd.sampled - rnd.received.keys():
+                        self._clients[cid].dropped = True
+                if len(rnd.received) < self.min_results:
+                    log.warning("round %d: %d update(s) by the deadline, fewer than the %d "
+                                "needed (--min-results, or the strategy's minimum); running it "
+                                "again with a new sample", rnd.number, len(rnd.received),
+                                self.min_results)
+                    self.short_rounds += 1
+                    self._round = None
+                    self._start_round_locked(rnd.number, attempt=rnd.attempt + 1)
+                    self.on_change()
+                    return True
+                if rnd.secagg is not None:  # training is over: the clients share their keys
+                    secagg = self._secagg_step(rnd, now, training=True)
+                    if secagg == "moved":
+                        return True
             self._closing = True
-        self._close_round(rnd, now)
+        if secagg.startswith("abort: "):
+            self._fail_round(rnd, secagg[len("abort: "):])
+            return True
+        fields = self._finish_secagg(rnd) if secagg == "sum" else {}
+        if fields is not None:
+            self._close_round(rnd, now, fields)
         return True
 
     def _pickup_seconds(self) -> float:
@@ -389,12 +510,15 @@ class SyncCoordinator:
         self._round = OpenRound(number, attempt, frozenset(sampled),
                                 now + self.config.round_timeout, now,
                                 RoundUpdates(self.strategy), config)
+        if self.secagg is not None:
+            self._round.secagg = self.secagg.open(number, attempt, frozenset(sampled))
         self.phase = "training"
         self._started_once = True
         self.on_change()
         return True
 
-    def _close_round(self, rnd: OpenRound, now: float) -> None:
+    def _close_round(self, rnd: OpenRound, now: float,
+                     fields: dict[str, Any] | None = None) -> None:
         try:
             new_state = close_round(self.strategy, self.state, rnd.updates,
                                     num_clients=len(self._clients))
@@ -414,6 +538,7 @@ class SyncCoordinator:
             "examples": examples,
             "attempts": rnd.attempt + 1,
             "train_loss": rnd.train_loss / examples if examples else None,
+            **(fields or {}),  # secure aggregation: what the unmasked sum says
         }
         if self.budget is not None:
             record.update(self.budget.record(new_state.version))
@@ -549,6 +674,8 @@ class SyncCoordinator:
                     for h in self.history
                 ],
             }
+            if rnd is not None and rnd.secagg is not None:
+                out["secagg"] = rnd.secagg.describe()
             if mine is not None:
                 out["you"] = mine
             return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedlearn.errors import ConfigError
 from fedlearn.rounds import RoundUpdates
@@ -18,6 +18,9 @@ from fedlearn.server.clients import ClientRegistry
 from fedlearn.strategies import Strategy
 from fedlearn.types import Weights
 from fedlearn.weights import Spec, pack, spec_of
+
+if TYPE_CHECKING:
+    from fedlearn.server.secagg_round import SecAggRound
 
 log = logging.getLogger("fedlearn.server")
 
@@ -36,6 +39,8 @@ class OpenRound:
     received: dict[str, int] = field(default_factory=dict)
     train_loss: float = 0.0
     picked: set[str] = field(default_factory=set)  # sampled clients that took their task
+    #: under --secagg: the stages after training (``received`` then means "advertised keys")
+    secagg: SecAggRound | None = None
 
     def waiting_for_pickup(self) -> set[str]:
         """Sampled clients that have neither taken their task nor sent an update."""

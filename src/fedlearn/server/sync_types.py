@@ -22,7 +22,8 @@ class Task:
     """What a client should do next: ``train``, ``evaluate``, ``wait`` or ``done``.
 
     ``task_id`` names the task; an update or evaluation names it back.
-    ``config`` is the round's training configuration (train tasks only).
+    ``config`` is the round's training configuration (train tasks only);
+    ``secagg`` what a client needs to mask its update under secure aggregation.
     """
 
     action: str
@@ -31,6 +32,7 @@ class Task:
     seed: int = 0
     task_id: str = ""
     config: dict[str, Any] | None = None
+    secagg: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON body sent to the client."""
@@ -41,6 +43,8 @@ class Task:
         if self.action == "train":
             body["seed"] = self.seed
             body["config"] = self.config or {}
+            if self.secagg is not None:
+                body["secagg"] = self.secagg
         return body
 
 
