@@ -11,29 +11,29 @@ Pure code (numpy, dp_accounting, cryptography): no torch, no web, no I/O.
 
 from __future__ import annotations
 
-from fedlearn.privacy.accounting import Accountant
-from fedlearn.privacy.dp import (
-    AdaptiveClip,
-    AdaptiveClipState,
-    clip,
-    dp_mean,
-    effective_noise_multiplier,
-    gaussian_noise_like,
-    unclipped_bit,
-)
-from fedlearn.privacy.secagg import SecAggClient, SecAggParams
-from fedlearn.privacy.secagg_server import SecAggServer
+import importlib
+from typing import Any
 
-__all__ = [
-    "Accountant",
-    "AdaptiveClip",
-    "AdaptiveClipState",
-    "SecAggClient",
-    "SecAggParams",
-    "SecAggServer",
-    "clip",
-    "dp_mean",
-    "effective_noise_multiplier",
-    "gaussian_noise_like",
-    "unclipped_bit",
-]
+# Loaded on first use: dp_accounting and cryptography take seconds to import, and
+# most runs use neither (``import fedlearn.privacy.dpsgd`` stays cheap too).
+_WHERE = {
+    "Accountant": "accounting",
+    "AdaptiveClip": "dp",
+    "AdaptiveClipState": "dp",
+    "clip": "dp",
+    "dp_mean": "dp",
+    "effective_noise_multiplier": "dp",
+    "gaussian_noise_like": "dp",
+    "unclipped_bit": "dp",
+    "SecAggClient": "secagg",
+    "SecAggParams": "secagg",
+    "SecAggServer": "secagg_server",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'fedlearn.privacy' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"fedlearn.privacy.{_WHERE[name]}"), name)
