@@ -69,6 +69,7 @@ bench: install data
 	$(BIN)/python benchmarks/w3_server_load.py
 	$(BIN)/python benchmarks/w4_stragglers.py
 	$(BIN)/python benchmarks/w4_sim.py
+	$(BIN)/python benchmarks/w7_privacy.py
 	$(BIN)/python benchmarks/w8_secagg.py
 
 clean:
