@@ -36,6 +36,22 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def kept_cells(name: str, setup: dict[str, Any]) -> dict[str, Any]:
+    """The ``cells`` of ``benchmarks/results/<name>.json`` if it was made with ``setup``.
+
+    Lets a long table be filled over several runs (``--merge``): cells already
+    measured under the very same settings are kept, the rest are run.
+    """
+    path = RESULTS / f"{name}.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if old.get("setup") != setup:
+        return {}
+    return dict(old.get("cells", {}))
+
+
 def median(xs: list[float]) -> float:
     """The median (nan for an empty list)."""
     return statistics.median(xs) if xs else float("nan")

@@ -320,9 +320,10 @@ class Trainer:
         data order. With ``control`` (SCAFFOLD) each gradient gets ``c - c_i``
         and the result carries ``extra["delta_c"]`` (sent) and the client's new
         ``control`` (kept): option II of Karimireddy et al. 2020, with K the
-        steps taken and the config's learning rate. With DP-SGD the run is
-        added to ``ledger`` (default: this trainer's own) and the metrics carry
-        the client's ε and δ so far.
+        steps taken and the config's learning rate (with SGD momentum, the exact
+        mean of the corrected gradients: see :mod:`fedlearn.strategies.scaffold`).
+        With DP-SGD the run is added to ``ledger`` (default: this trainer's own)
+        and the metrics carry the client's ε and δ so far.
         """
         started = time.perf_counter()
         self._load(weights)
@@ -333,6 +334,7 @@ class Trainer:
             raise ConfigError(f"task {self.task.name!r} trains with its own function or with "
                               "DP-SGD, so it cannot take SCAFFOLD's corrected steps; choose "
                               "another --strategy.")
+        opt: torch.optim.Optimizer | None = None
         if self.dp_sgd is not None:
             new, metrics = self._private_fit(data, config, seed, ledger)
         elif self.task.train is not None:
@@ -340,9 +342,9 @@ class Trainer:
         else:
             if self.model is None:  # pragma: no cover - Task validates
                 raise ConfigError(f"task {self.task.name!r} cannot train without a model.")
+            opt = make_optimizer(self.model, config, self.task)
             loss, acc = train_epochs(
-                self.model, data, config, seed=seed,
-                optimizer=make_optimizer(self.model, config, self.task), loss=self.loss,
+                self.model, data, config, seed=seed, optimizer=opt, loss=self.loss,
                 classification=self.task.kind == "classification", slowdown=slowdown,
                 device=self.device, precision=self.precision,
                 correction=None if control is None else self._correction(control),
@@ -355,12 +357,30 @@ class Trainer:
         kept = None
         if control is not None:
             steps = config.epochs * math.ceil(num / config.batch_size)
+            beta, last = self._momentum(opt) if opt is not None else (0.0, None)
             kept, extra[DELTA_C] = control_update(control.client, control.server, weights,
-                                                  new, steps=max(1, steps), lr=config.lr)
+                                                  new, steps=max(1, steps), lr=config.lr,
+                                                  momentum=beta, last_momentum=last)
         metrics["seconds"] = time.perf_counter() - started
         return ClientResult(delta=subtract(new, weights), num_examples=num,
                             base_version=base_version, metrics=metrics, extra=extra,
                             control=kept)
+
+    def _momentum(self, opt: torch.optim.Optimizer) -> tuple[float, Weights | None]:
+        """SGD's momentum and its buffers after the last step, by parameter name, for
+        SCAFFOLD's control update ((0, None) for any other optimizer: option II as written)."""
+        if self.model is None or self.task.optimizer is not None \
+                or not isinstance(opt, torch.optim.SGD):
+            return 0.0, None
+        beta = float(opt.param_groups[0]["momentum"])
+        if beta == 0:
+            return 0.0, None
+        last: Weights = {}
+        for name, p in self.model.named_parameters():
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if isinstance(buf, torch.Tensor):
+                last[name] = buf.detach().cpu().numpy()
+        return beta, last
 
     def _correction(self, control: ControlVariates) -> dict[str, torch.Tensor]:
         """SCAFFOLD's ``c - c_i`` per trainable parameter, on the training device."""

@@ -85,6 +85,40 @@ def test_scaffold_one_step_by_hand() -> None:
         np.testing.assert_array_equal(same.delta[k], plain.delta[k])
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_scaffold_control_variate_is_the_mean_of_the_clients_own_gradients(
+        momentum: float) -> None:
+    """Option II makes c_i+ the mean of the client's raw (uncorrected) gradients over its K
+    steps; with SGD momentum too (the paper's (x - y)/(K lr) would be about 1/(1 - beta)
+    times that, which made SCAFFOLD over-correct and diverge under momentum clients)."""
+    trainer, weights, shard, _, _ = trainer_and_shard()
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=momentum, batch_size=8, epochs=2)
+    cv = controls(weights, 2)
+    assert trainer.model is not None
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [p.register_hook(lambda g, n=n: seen.setdefault(n, []).append(g.detach().clone()))
+             for n, p in trainer.model.named_parameters()]
+    try:
+        got = trainer.fit(weights, shard, cfg, seed=5, control=cv)
+    finally:
+        for h in hooks:
+            h.remove()
+    steps = 2 * -(-len(shard) // 8)
+    assert got.control is not None and all(len(v) == steps for v in seen.values())
+    for n, grads in seen.items():
+        mean = torch.stack(grads).mean(0).numpy()
+        np.testing.assert_allclose(got.control[n], mean, rtol=0, atol=2e-5, err_msg=n)
+        np.testing.assert_allclose(got.extra[DELTA_C][n], mean - cv.client[n], rtol=0,
+                                   atol=2e-5, err_msg=n)
+    if momentum:  # what the paper's formula, taken literally, would have given instead
+        new = {k: weights[k] + got.delta[k] for k in weights}
+        literal, _ = control_update(cv.client, cv.server, weights, new, steps=steps, lr=0.05)
+        shift = cv.client["fc1.weight"] - cv.server["fc1.weight"]
+        ratio = (np.linalg.norm(literal["fc1.weight"] - shift)
+                 / np.linalg.norm(got.control["fc1.weight"] - shift))
+        assert ratio > 3, ratio
+
+
 @pytest.mark.parametrize("name", ["mlp", "bn-cnn"])
 @pytest.mark.parametrize("config", ["sgd", "momentum-prox"])
 def test_functional_engine_matches_sequential_with_scaffold(name: str, config: str) -> None:

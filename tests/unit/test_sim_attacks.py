@@ -19,6 +19,7 @@ from fedlearn.runs import RunDir
 from fedlearn.sim import SimConfig, Simulation, config_record, run_simulation
 from fedlearn.tasks import Task, builtin_task
 from fedlearn.types import Weights
+from tests.unit.test_sim_engines import one_torch_thread  # noqa: F401 - autouse fixture
 
 DIGITS = builtin_task("digits", "mlp")
 ADAM = TrainConfig(epochs=1, batch_size=32, optimizer="adam", lr=0.01)
@@ -44,6 +45,28 @@ def test_sign_flip_by_a_fifth_of_the_clients_lowers_fedavg_accuracy() -> None:
     assert len(attacked_sim.attackers.ids) == 2
     _, attacked = after(attacked_sim, 2)
     assert attacked < clean - 0.05, (clean, attacked)
+
+
+def test_sign_flip_breaks_fedavg_but_not_trimmed_mean_or_multi_krum() -> None:
+    """Issue 11's done-when line: with 20% sign-flip attackers, FedAvg loses >= 10 points
+    while trimmed-mean or multi-Krum stays within 3 points of clean FedAvg.
+
+    sign-flip:4 is the smallest factor that cancels FedAvg's step when 2 of 10 clients
+    flip (1 - 0.2 - 0.2 * 4 = 0); plain sign-flip only slows FedAvg. The rules are set
+    for the 2 attackers: trimmed-mean cuts 2 of 10 from each end, multi-Krum tolerates
+    F = 2 and averages the n - F = 8 best. Six rounds of digits, all 10 clients sampled.
+    """
+    rounds = 6
+    _, clean = after(simulation(rounds), rounds)
+    attacked = {
+        strategy: after(simulation(rounds, strategy=strategy, attack="sign-flip:4",
+                                   attackers=0.2), rounds)[1]
+        for strategy in ("fedavg", "trimmed-mean:0.2", "multi-krum:2:8")
+    }
+    points = {k: 100 * (clean - v) for k, v in attacked.items()}
+    assert clean > 0.85, clean  # the clean run learned: the losses below mean something
+    assert points["fedavg"] >= 10, (clean, attacked)
+    assert points["trimmed-mean:0.2"] <= 3 or points["multi-krum:2:8"] <= 3, (clean, attacked)
 
 
 @pytest.mark.parametrize("engine", ["vectorized", "sequential"])

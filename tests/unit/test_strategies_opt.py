@@ -139,6 +139,15 @@ def test_scaffold_client_helpers() -> None:
     assert dc["w"][0] == pytest.approx(0.4)
     with pytest.raises(ValueError, match="at least 1 local step"):
         control_update(c_i, c, g, g, steps=0, lr=0.1)
+    # With SGD momentum beta and last buffer m_K: ((1 - beta)(x - y)/lr + beta m_K)/K
+    # = (0.5 * 0.2 / 0.1 + 0.5 * 0.3) / 4 = 0.2875, so c_i+ = 0.5 - 0.1 + 0.2875.
+    new, dc = control_update({"w": np.array([0.5])}, {"w": np.array([0.1])},
+                             {"w": np.array([1.0])}, {"w": np.array([0.8])}, steps=4, lr=0.1,
+                             momentum=0.5, last_momentum={"w": np.array([0.3])})
+    assert new["w"][0] == pytest.approx(0.6875)
+    assert dc["w"][0] == pytest.approx(0.1875)
+    with pytest.raises(ValueError, match="momentum in"):
+        control_update(c_i, c, g, g, steps=1, lr=0.1, momentum=1.0)
 
 
 def test_scaffold_server_control_update() -> None:

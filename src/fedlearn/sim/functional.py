@@ -156,8 +156,8 @@ class FunctionalEngine:
         size = max(1, self._limit)
         for lo in range(0, len(clients), size):
             chunk = by_steps[lo : lo + size]
-            for i, state in zip(chunk, self._train_chunk(start, [clients[i] for i in chunk],
-                                                         config), strict=True):
+            trained = self._train_chunk(start, [clients[i] for i in chunk], config)
+            for i, (state, last) in zip(chunk, trained, strict=True):
                 new = {k: state[self.canonical[k]] for k in self.state_spec}
                 # numpy turns 0-d differences into scalars; keep them 0-d arrays.
                 delta = {k: np.asarray(v) for k, v in subtract(new, weights).items()}
@@ -165,9 +165,11 @@ class FunctionalEngine:
                 sent: dict[str, Weights] = {}
                 kept = None
                 if control is not None:
+                    beta = config.momentum if config.optimizer == "sgd" else 0.0
                     kept, sent[DELTA_C] = control_update(
                         control.client, control.server, weights, new,
-                        steps=max(1, steps[i] * config.epochs), lr=config.lr)
+                        steps=max(1, steps[i] * config.epochs), lr=config.lr,
+                        momentum=beta, last_momentum=last)
                 out[i] = ClientUpdate(clients[i].client_id, delta, len(clients[i].indices),
                                       sent, kept)
         return [u for u in out if u is not None]
@@ -182,8 +184,9 @@ class FunctionalEngine:
 
     def _train_chunk(
         self, start: Tensors, chunk: list[ClientTask], config: TrainConfig
-    ) -> list[dict[str, npt.NDArray[Any]]]:
-        """Train ``chunk`` (sorted by descending step count) as one stack; each one's state."""
+    ) -> list[tuple[dict[str, npt.NDArray[Any]], dict[str, npt.NDArray[Any]]]]:
+        """Train ``chunk`` (sorted by descending step count) as one stack; each one's state
+        and its SGD momentum buffers after its last step (empty without momentum)."""
         plan = make_schedule(chunk, config.batch_size, config.epochs)
         k = len(chunk)
         with torch.no_grad():
@@ -202,11 +205,16 @@ class FunctionalEngine:
                     g.add_(c[:a])
                 opt.step(a, grads)
             stacked = {n: t.cpu().numpy() for n, t in chain(params.items(), buffers.items())}
+            # A client's buffer stays as its last step left it (later steps move a prefix).
+            momenta = {n: m.cpu().numpy() for n, m in zip(self.trainable, opt.momentum,
+                                                          strict=True) if m is not None}
         fixed = {n: start[n].cpu().numpy() for n in self.frozen}
-        states: list[dict[str, npt.NDArray[Any]]] = [{} for _ in chunk]
+        states: list[tuple[dict[str, npt.NDArray[Any]], dict[str, npt.NDArray[Any]]]] = [
+            ({}, {}) for _ in chunk]
         for slot, ci in enumerate(plan.order):
             # v[slot, ...] keeps a 0-d entry a 0-d array.
-            states[ci] = {**fixed, **{n: v[slot, ...] for n, v in stacked.items()}}
+            states[ci] = ({**fixed, **{n: v[slot, ...] for n, v in stacked.items()}},
+                          {n: m[slot, ...] for n, m in momenta.items()})
         return states
 
 

@@ -17,6 +17,17 @@ corrected gradient ``g - c_i + c``; after ``K`` steps of learning rate
 variate ``c_i+ = c_i - c + (x - y) / (K * lr_l)`` and reports
 ``dc = c_i+ - c_i`` with ``dy = y - x``. A client's ``c_i`` starts at zero.
 
+Option II is ``c_i+ = c_i - c + mean(corrected gradients)``, that is the mean
+of the client's own raw gradients, because plain SGD moves ``x - y = lr_l *
+sum(corrected gradients)``. With heavy-ball momentum ``beta`` (torch's SGD:
+``m_t = beta m_{t-1} + g_t``, ``w -= lr_l m_t``) the weights move ``lr_l *
+sum(m_t)``, about ``1 / (1 - beta)`` times as far, and option II as written
+would make ``c_i`` ten times too large at ``beta = 0.9`` (SCAFFOLD then
+over-corrects and diverges). Since ``sum(g_t) = (1 - beta) sum(m_t) + beta m_K``,
+the mean corrected gradient is exactly ``((1 - beta)(x - y) / lr_l + beta m_K)
+/ K`` with ``m_K`` the last momentum buffer; :func:`control_update` uses that,
+which for ``beta = 0`` is option II as written.
+
 Everything is computed in float64 and cast back to each array's dtype; the
 variates cover every float array of the model (a training loop uses the
 entries of the parameters it has gradients for).
@@ -62,24 +73,36 @@ def correction(c: Mapping[str, np.ndarray], c_i: Mapping[str, np.ndarray]) -> We
 
 def control_update(c_i: Mapping[str, np.ndarray], c: Mapping[str, np.ndarray],
                    x: Mapping[str, np.ndarray], y: Mapping[str, np.ndarray], *,
-                   steps: int, lr: float) -> tuple[Weights, Weights]:
-    """Option II: ``c_i+ = c_i - c + (x - y) / (K * lr_l)``; returns ``(c_i+, c_i+ - c_i)``.
+                   steps: int, lr: float, momentum: float = 0.0,
+                   last_momentum: Mapping[str, np.ndarray] | None = None,
+                   ) -> tuple[Weights, Weights]:
+    """Option II: ``c_i+ = c_i - c + mean corrected gradient``; returns ``(c_i+, c_i+ - c_i)``.
 
     ``x`` is the model the client started from, ``y`` the one it ended with
-    after ``steps = K`` local steps of learning rate ``lr``. Keys are those of
-    ``c`` (the model's float arrays); results have the dtypes of ``c``.
+    after ``steps = K`` local steps of learning rate ``lr``. With plain SGD
+    (``momentum`` 0) the mean corrected gradient is ``(x - y) / (K * lr)``, the
+    paper's formula; with SGD momentum ``beta`` and ``last_momentum`` the
+    momentum buffer after the last step (``m_K``; missing entries count as
+    zero) it is ``((1 - beta)(x - y) / lr + beta m_K) / K`` (see the module
+    doc). Keys are those of ``c`` (the model's float arrays); results have the
+    dtypes of ``c``.
     """
     if steps < 1:
         raise ValueError(f"SCAFFOLD's control update needs at least 1 local step, got {steps}")
     if not lr > 0:
         raise ValueError(f"SCAFFOLD's control update needs a positive learning rate, got {lr}")
-    scale = 1.0 / (steps * lr)
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"SCAFFOLD's control update needs momentum in [0, 1), got {momentum}")
+    buffers = last_momentum if momentum > 0 and last_momentum is not None else {}
     new: Weights = {}
     delta: Weights = {}
     for k, ck in c.items():
         old = np.asarray(c_i[k], np.float64)
-        plus = (old - np.asarray(ck, np.float64)
-                + (np.asarray(x[k], np.float64) - np.asarray(y[k], np.float64)) * scale)
+        moved = (np.asarray(x[k], np.float64) - np.asarray(y[k], np.float64)) * (
+            (1.0 - momentum) / lr)
+        if k in buffers:
+            moved = moved + momentum * np.asarray(buffers[k], np.float64)
+        plus = old - np.asarray(ck, np.float64) + moved / steps
         dtype = np.asarray(ck).dtype
         new[k] = cast(plus, dtype)
         delta[k] = cast(plus - old, dtype)
