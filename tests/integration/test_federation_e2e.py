@@ -47,7 +47,7 @@ def test_run_three_clients_on_digits(tmp_path: Path) -> None:
 def test_client_killed_mid_round_is_dropped(tmp_path: Path, procs: Procs) -> None:
     run_dir = tmp_path / "run"
     procs.start("server", ["server", "--port", "0", "--dataset", "digits", "--rounds", "4",
-                           "--min-clients", "3", "--min-results", "2", "--round-timeout", "12",
+                           "--min-clients", "3", "--min-results", "2", "--round-timeout", "20",
                            "--out", str(run_dir)])
     url = endpoint(run_dir)["url"]
     procs.start("c0", client_args(url, run_dir, 0, 3))
@@ -59,7 +59,10 @@ def test_client_killed_mid_round_is_dropped(tmp_path: Path, procs: Procs) -> Non
     assert procs.wait("server", 120) == 0, procs.log("server")
     rows = metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
-    assert rows[0]["clients"] == 2 and rows[0]["sampled"] == 3
+    # Round 1 sampled all three; on a machine so loaded that c0 or c1 missed the
+    # deadline too, the round ran again with the two that are left.
+    assert rows[0]["clients"] == 2
+    assert rows[0]["sampled"] == (3 if rows[0]["attempts"] == 1 else 2), rows[0]
     assert all(r["clients"] == 2 for r in rows)
     assert procs.wait("c0", 30) == 0 and procs.wait("c1", 30) == 0
 
