@@ -60,6 +60,9 @@ bench: install data
 	$(BIN)/python benchmarks/w2_hundred_clients.py
 	$(BIN)/python benchmarks/w3_server_load.py
 	$(BIN)/python benchmarks/w4_stragglers.py
+	$(BIN)/python benchmarks/w5_robustness.py
+	$(BIN)/python benchmarks/w6_heterogeneity.py
+	$(BIN)/python benchmarks/w6_heterogeneity.py --model cnn --rounds 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
