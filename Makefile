@@ -71,6 +71,9 @@ bench: install data
 	$(BIN)/python benchmarks/w4_sim.py
 	$(BIN)/python benchmarks/w7_privacy.py
 	$(BIN)/python benchmarks/w8_secagg.py
+	$(BIN)/python benchmarks/w5_robustness.py
+	$(BIN)/python benchmarks/w6_heterogeneity.py
+	$(BIN)/python benchmarks/w6_heterogeneity.py --model cnn --rounds 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -64,11 +64,11 @@ RULES = ["fedavg", "median", "trimmed-mean:0.2", "krum:4", "multi-krum:4:16", "b
 #: Why a rule cannot be expected to match clean FedAvg on this non-IID split.
 WHY_NOT = {
     "krum:4": "Krum keeps one client's delta a round; under Dirichlet(0.5) that is one "
-              "skewed slice of the labels, so it trains on a twentieth of the data at a time",
+              "skewed slice of the labels, so each round's step comes from a twentieth of the data",
     "median": "the coordinate-wise median of 20 non-IID deltas is not their mean (and is "
               "unweighted); it lags FedAvg on skewed splits (Yin et al. assume IID)",
-    "bulyan:4": "Bulyan averages the 12 values closest to the median of 12 Krum-selected "
-                "deltas: it inherits the median's and Krum's bias on non-IID data",
+    "bulyan:4": "per coordinate Bulyan averages the 4 values closest to the median of 12 "
+                "Krum-selected deltas: it inherits the median's and Krum's bias on non-IID data",
     "trimmed-mean:0.2": "it discards the 8 most extreme of 20 honest values per coordinate "
                         "even when no one attacks",
 }

@@ -6,9 +6,8 @@ sampled every round, 2 local epochs, batch 64, SGD lr 0.01 with momentum 0.9
 fedavgm, fedprox, fedadam, fedyogi and scaffold, with the ``mlp`` or the
 ``cnn``. Each cell is one ``Simulation`` (the round loop behind ``fedlearn
 sim``, ``--engine vectorized``: the mlp's own stacked engine, the torch.func
-one for FedProx and SCAFFOLD, one client after another for the cnn on a CPU),
-run one after another in this process. NIID-Bench reports FedAvg at 88.1% on
-this split with its CNN at E=10.
+one for FedProx, SCAFFOLD and the cnn), run one after another in this process.
+NIID-Bench reports FedAvg at 88.1% on this split with its CNN at E=10.
 
 Server settings (``SERVER``) were picked with ``--tune``, which runs every
 candidate of ``CANDIDATES`` (see the README for what was tried and measured):
@@ -21,8 +20,8 @@ The goal: at least one strategy beats FedAvg's final accuracy, and by how
 much. The cells are written to the JSON as they finish; ``--merge`` keeps
 cells of a run with the same settings, so the table can be filled in several
 runs (``--strategies`` picks cells). The cnn trains 2 epochs over 60,000
-images a round (about 100 s a round on one core): run it with a reduced
-``--rounds`` on a CPU.
+images a round (measured about 370 s a round on this shared 2-core machine):
+run it with a reduced ``--rounds`` on a CPU.
 
     python benchmarks/w6_heterogeneity.py                          # mlp, 50 rounds
     python benchmarks/w6_heterogeneity.py --model cnn --rounds 3   # the cnn, briefly
@@ -52,9 +51,9 @@ NIID_BENCH_FEDAVG = 0.881
 SERVER: dict[str, dict[str, float]] = {
     "fedavg": {},
     "fedavgm": {"server_lr": 1.0, "server_momentum": 0.5},
-    "fedprox": {"prox_mu": 0.01},
-    "fedadam": {"server_lr": 0.01},
-    "fedyogi": {"server_lr": 0.01},
+    "fedprox": {"prox_mu": 0.001},
+    "fedadam": {"server_lr": 0.03},
+    "fedyogi": {"server_lr": 0.03},
     "scaffold": {},
 }
 #: What ``--tune`` tries for each strategy with server settings to choose.
