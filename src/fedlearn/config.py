@@ -333,13 +333,7 @@ class ServerConfig:
     def _check_async(self) -> None:
         from fedlearn.strategies.async_policies import make_policy
 
-        tuned = [o for o in STRATEGY_OPTIONS
-                 if o != "server_lr" and getattr(self, o) is not None]
-        if self.strategy != "fedavg" or tuned:
-            given = ", ".join([f"--strategy {self.strategy}"] * (self.strategy != "fedavg")
-                              + ["--" + o.replace("_", "-") for o in tuned])
-            raise ConfigError(f"{given} applies to --mode sync; async runs merge with "
-                              "--async-policy.")
+        refuse_strategy_flags(self, "async runs merge with --async-policy")
         if self.max_updates is None and self.max_seconds is None:
             raise ConfigError("--mode async needs a stop rule; pass --max-updates N or "
                               "--max-seconds S.")
@@ -381,6 +375,16 @@ class ServerConfig:
         if self.max_update_mb is not None:
             return int(self.max_update_mb * 1024 * 1024)
         return int(model_bytes * 1.25) + 64 * 1024
+
+
+def refuse_strategy_flags(config: Any, instead: str) -> None:
+    """Raise ConfigError naming the strategy flags an async run was given (``instead``
+    says how async runs merge)."""
+    tuned = [o for o in STRATEGY_OPTIONS if o != "server_lr" and getattr(config, o) is not None]
+    if config.strategy != "fedavg" or tuned:
+        given = ", ".join([f"--strategy {config.strategy}"] * (config.strategy != "fedavg")
+                          + ["--" + o.replace("_", "-") for o in tuned])
+        raise ConfigError(f"{given} applies to --mode sync; {instead}.")
 
 
 def build_strategy(config: Any) -> Strategy:

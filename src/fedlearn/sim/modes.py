@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from fedlearn.config import MODES, STRATEGY_OPTIONS
+from fedlearn.config import MODES, refuse_strategy_flags
 from fedlearn.errors import ConfigError
 from fedlearn.sim.clock import client_speeds
 from fedlearn.strategies.async_policies import AsyncPolicy, make_policy
@@ -51,12 +51,7 @@ def check_modes(cfg: SimConfig) -> None:
     if cfg.round_timeout is not None:
         raise ConfigError("--round-timeout applies to --mode sync; an async run never waits "
                           "for a round (use --max-staleness to refuse old updates).")
-    tuned = [o for o in STRATEGY_OPTIONS if o != "server_lr" and getattr(cfg, o) is not None]
-    if cfg.strategy != "fedavg" or tuned:
-        given = ", ".join([f"--strategy {cfg.strategy}"] * (cfg.strategy != "fedavg")
-                          + ["--" + o.replace("_", "-") for o in tuned])
-        raise ConfigError(f"{given} applies to --mode sync; an async run merges with "
-                          "--async-policy.")
+    refuse_strategy_flags(cfg, "an async run merges with --async-policy")
     if cfg.updates is None and cfg.max_virtual_time is None:
         raise ConfigError("--mode async needs a stop rule; pass --updates N or "
                           "--max-virtual-time T.")
