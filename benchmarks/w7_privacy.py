@@ -10,6 +10,7 @@ fixed-size sampling). Columns: z, the ε the run reports, final accuracy.
 
     python benchmarks/w7_privacy.py                  # 100 rounds (several minutes)
     python benchmarks/w7_privacy.py --rounds 30      # a quicker look (z re-derived for 30)
+    python benchmarks/w7_privacy.py --targets 8,none # only some rows
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, write_json
 
 CLIENTS, RATE, DELTA = 100, 0.1, 1e-5
-TARGETS = (1.0, 3.0, 8.0)
 
 
 def noise_for(target: float, rounds: int) -> float:
@@ -70,13 +70,19 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=0.5,
                         help="DP-FedAvg's clip norm (the median update norm of the first "
                         "rounds is about 1 here).")
+    parser.add_argument("--targets", default="1,3,8,none",
+                        help="comma-separated target ε values; 'none' is the run without DP.")
     args = parser.parse_args()
+    try:
+        targets = [None if t.strip() == "none" else float(t) for t in args.targets.split(",")]
+    except ValueError:
+        parser.error(f"--targets {args.targets!r}: give numbers or 'none', comma-separated.")
     import torch
 
     torch.set_num_threads(2)
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for target in (*TARGETS, None):
+        for target in targets:
             z = None if target is None else noise_for(target, args.rounds)
             s = run(args.rounds, z, args.clip, Path(tmp) / f"r{target}")
             eps = s.get("dp_epsilon")

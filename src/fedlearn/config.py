@@ -233,7 +233,7 @@ class ServerConfig:
     eval_every: int = 1
     dp_noise_multiplier: float | None = None
     dp_clip: str | None = None
-    dp_clip_on: str = "server"
+    dp_clip_on: str | None = None  # server; client under --secagg
     dp_delta: float | None = None
     dp_target_epsilon: float | None = None
     secagg: bool = False
@@ -323,7 +323,11 @@ class ServerConfig:
                 self.secagg_timeout > 0 and math.isfinite(self.secagg_timeout)):
             raise ConfigError(f"--secagg-timeout must be a positive number of seconds, got "
                               f"{self.secagg_timeout}.")
-        if not str(self.strategy).startswith(OBJECT_PREFIX) and build_strategy(self).needs_all:
+        if self.dp_noise_multiplier is not None and self.dp_clip_on == "server":
+            raise ConfigError("--secagg hides each update from the server, so DP-FedAvg's "
+                              "clipping happens on the clients; drop --dp-clip-on server.")
+        named = None if str(self.strategy).startswith(OBJECT_PREFIX) else build_strategy(self)
+        if named is not None and named.needs_all and named.dp is None:
             raise ConfigError(f"--secagg lets the server see only the sum of the updates, but "
                               f"--strategy {self.strategy}"
                               f"{' with --clip-norm' if self.clip_norm is not None else ''} "
@@ -443,8 +447,10 @@ def private_mean(config: Any) -> Any:
                           "adaptive:QUANTILE.")
     clip, adaptive = parse_dp_clip(str(config.dp_clip))
     _, k = _population(config)
+    clip_on = getattr(config, "dp_clip_on", None) or (
+        "client" if getattr(config, "secagg", False) else "server")
     return DPFedAvg(noise_multiplier=float(z), expected_clients=float(k), seed=int(config.seed),
-                    clip=clip, adaptive=adaptive, clip_on=str(config.dp_clip_on))
+                    clip=clip, adaptive=adaptive, clip_on=str(clip_on))
 
 
 def privacy_budget(config: Any, sampling: str) -> Any:

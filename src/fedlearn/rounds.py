@@ -12,7 +12,9 @@ that decide the model:
   into one :class:`~fedlearn.weights.RunningSum` as they arrive when the
   strategy streams (memory: one model), else kept until the round closes
   (memory: K deltas; ordered by client id at the close, so arrival order never
-  changes the result).
+  changes the result). Under secure aggregation the server gets the round's
+  sum instead: a RunningSum for the example-weighted mean, or a
+  :class:`~fedlearn.strategies.ClippedSum` for DP-FedAvg.
 - :func:`close_round`: the strategy's next state, or :class:`RoundFailed` when
   the round cannot be aggregated (too few updates for the rule) or its result
   cannot be a global model (non-finite or beyond 1e12); the caller then keeps
@@ -34,6 +36,7 @@ import numpy as np
 from fedlearn.config import TrainConfig
 from fedlearn.errors import FedlearnError, RunStateError
 from fedlearn.strategies import (
+    ClippedSum,
     ServerState,
     Strategy,
     Update,
@@ -66,6 +69,8 @@ class RoundUpdates:
         self.streaming = not strategy.needs_all
         self.total = RunningSum()
         self.kept: list[Update] = []
+        #: DP-FedAvg under secure aggregation: the clients' clipped deltas, already summed
+        self.clipped: ClippedSum | None = None
 
     def add(self, update: Update) -> None:
         """Fold in one client's update (its arrays are not copied)."""
@@ -75,6 +80,8 @@ class RoundUpdates:
             self.kept.append(update)
 
     def __len__(self) -> int:
+        if self.clipped is not None:
+            return self.clipped.count
         return self.total.count if self.streaming else len(self.kept)
 
 
@@ -85,7 +92,9 @@ def close_round(strategy: Strategy, state: ServerState, updates: RoundUpdates, *
     ``num_clients`` is every client of the run (SCAFFOLD's N).
     """
     try:
-        if updates.streaming:
+        if updates.clipped is not None:
+            new = strategy.aggregate_clipped_sum(state, updates.clipped)
+        elif updates.streaming:
             new = strategy.aggregate_sum(state, updates.total, num_clients=num_clients,
                                          count=len(updates))
         else:

@@ -43,6 +43,35 @@ def test_secagg_run_reaches_the_model_of_the_plain_run(tmp_path: Path) -> None:
         assert log.count("(sent masked)") == 3, log
 
 
+def test_dp_fedavg_with_secagg_is_accounted_and_matches_client_clipping_in_the_clear(
+        tmp_path: Path) -> None:
+    """`fedlearn run --secagg --dp-noise-multiplier Z --dp-clip C`: the clients clip, the
+    server adds the noise to the unmasked sum; the model is the one plain DP-FedAvg with
+    client-side clipping trains (to quantisation error), and ε is reported each round."""
+    from fedlearn.config import ServerConfig, privacy_budget
+
+    env = cli_env(tmp_path)
+    common = ["run", "--dataset", "digits", "--clients", "4", "--rounds", "2", "--seed", "3",
+              "--dp-noise-multiplier", "0.7", "--dp-clip", "0.5"]
+    plain, masked = tmp_path / "plain", tmp_path / "masked"
+    res = run_cli([*common, "--out", str(masked), "--secagg"], env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = run_cli([*common, "--out", str(plain), "--dp-clip-on", "client"], env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    a = load_model_file(masked / "model.safetensors")
+    b = load_model_file(plain / "model.safetensors")
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+    budget = privacy_budget(ServerConfig(min_clients=4, dp_noise_multiplier=0.7, dp_clip="0.5",
+                                         secagg=True), "fixed")
+    rows = metrics(masked)
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["clients"] == 4 and r["dp_epsilon"] == pytest.approx(budget.epsilon(r["round"]))
+    summary = json.loads((masked / "summary.json").read_text())
+    assert summary["final_dp_epsilon"] == pytest.approx(budget.epsilon(2))
+
+
 def test_a_client_killed_after_its_masked_upload_does_not_stop_the_round(
         tmp_path: Path, procs: Procs) -> None:
     run_dir = tmp_path / "run"
@@ -78,6 +107,8 @@ def test_a_client_killed_after_its_masked_upload_does_not_stop_the_round(
     (["run", "--secagg", "--clients", "1"], "at least 2 clients a round"),
     (["server", "--secagg", "--mode", "async", "--max-updates", "5"], "--mode sync"),
     (["server", "--secagg-bits", "32"], "applies with --secagg"),
+    (["run", "--secagg", "--dp-noise-multiplier", "1", "--dp-clip", "1", "--dp-clip-on",
+      "server"], "drop --dp-clip-on server"),
 ])
 def test_secagg_mistakes_are_one_sentence(tmp_path: Path, args: list[str], words: str) -> None:
     out = tmp_path / "out"

@@ -13,7 +13,7 @@ import numpy as np
 from fedlearn.client.secagg import SecAggTask, check_update
 from fedlearn.privacy.secagg import SecAggClient
 from fedlearn.privacy.secagg_messages import KeyAdvert, ShareInbox, UnmaskRequest
-from fedlearn.privacy.secagg_update import client_vector
+from fedlearn.privacy.secagg_update import EXTRA, client_vector
 from fedlearn.server.store import Store
 from tests.unit.test_app import (
     INITIAL_W,
@@ -69,7 +69,7 @@ async def stages(client: httpx.AsyncClient, cred: str, task: dict[str, Any],
 
     await post("advert", body=sa.advertise().to_json(), num_examples=n)
     published = await fetch("keys")
-    vector = client_vector(values, num_examples=n, example_scale=published["example_scale"],
+    vector = client_vector(values.values, num_examples=n, example_scale=published["example_scale"],
                            train_loss=0.5, clip=block.clip_range)
     keys = [KeyAdvert.from_json(k) for k in published["keys"]]
     await post("shares", body=sa.share_keys(keys).to_json())
@@ -132,7 +132,7 @@ def test_bad_secagg_requests_get_one_sentence(tmp_path: Path, stores: list[Store
                                          params={"task_id": "r1.0.b", "num_examples": 10},
                                          json=advert.to_json(), headers=bearer(a))
             one_sentence(response, 409)
-            limit = 8 * (2 + 3) + 1024
+            limit = 8 * (2 + EXTRA) + 1024
             response = await client.post("/api/secagg/masked", params=params,
                                          content=b"\0" * (limit + 1),
                                          headers={**bearer(a),

@@ -21,7 +21,13 @@ from fedlearn.privacy.secagg_messages import (
     UnmaskResponse,
 )
 from fedlearn.privacy.secagg_server import SecAggServer
-from fedlearn.privacy.secagg_update import UpdateLayout, client_vector, clip_range, decode_sum
+from fedlearn.privacy.secagg_update import (
+    EXTRA,
+    UpdateLayout,
+    client_vector,
+    clip_range,
+    decode_sum,
+)
 from fedlearn.types import Weights
 from fedlearn.weights import spec_of
 from tests.unit.test_client_worker import FakeServer, run, train
@@ -165,7 +171,7 @@ class MaskingFakeServer(FakeServer):
 
 def test_the_worker_refuses_to_send_an_update_that_fails_its_own_checks() -> None:
     spec = {k: v.shape for k, v in FakeServer([]).weights.items()}
-    dimension = sum(int(np.prod(s)) for s in spec.values()) + 3
+    dimension = sum(int(np.prod(s)) for s in spec.values()) + EXTRA
     tiny = block(max_update_norm=1e-9, range=clip_range(1e-9), dimension=dimension)
     task = train(1, 0)
     masked = Task(task.action, task.round, task.version, task.seed, task.task_id,

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from fedlearn.client.secagg import SecAggTask, check_update
-from fedlearn.config import ServerConfig, build_strategy
+from fedlearn.config import ServerConfig, build_strategy, privacy_budget
 from fedlearn.errors import ConfigError, ConflictError, PayloadError
 from fedlearn.privacy.secagg import SecAggClient
 from fedlearn.privacy.secagg_messages import KeyAdvert, ShareInbox, UnmaskRequest
-from fedlearn.privacy.secagg_update import client_vector
+from fedlearn.privacy.secagg_update import EXTRA, client_vector
 from fedlearn.server.coordinator import SyncCoordinator
 from fedlearn.server.store import Store
 from fedlearn.types import Weights
@@ -93,8 +93,10 @@ class Run:
             vector = (vectors or {}).get(cid)
             if vector is None:
                 values = check_update(p.block, INITIAL, d, n)
-                vector = client_vector(values, num_examples=n, example_scale=scale,
-                                       train_loss=0.5 + n / 100, clip=p.block.clip_range)
+                vector = client_vector(values.values, num_examples=n, example_scale=scale,
+                                       train_loss=0.5 + n / 100, clip=p.block.clip_range,
+                                       equal_weight=p.block.dp_clip is not None,
+                                       unclipped=values.unclipped)
             p.post("masked", p.client.masked_input(vector, inbox).masked)
         failures = len(self.coord.failures)
         if vanish_before_masked:
@@ -242,8 +244,8 @@ def test_a_sum_beyond_the_honest_bounds_fails_the_round(
     run = Run(tmp_path, stores, n=3)
     deltas = {k: DELTAS[k] for k in ("c0", "c1", "c2")}
     # c1 skips its own checks and claims the weight of 50 clients.
-    cheat = np.zeros(INITIAL["w"].size + 1 + 3)
-    cheat[-3] = 50.0
+    cheat = np.zeros(INITIAL["w"].size + 1 + EXTRA)
+    cheat[-EXTRA] = 50.0
     run.round(deltas, vectors={"c1": cheat})
     assert run.coord.state.version == 0 and not run.records
     assert "more than one per client" in run.coord.failures[0]["reason"]
@@ -289,10 +291,51 @@ def test_what_the_server_holds_of_a_client_does_not_depend_on_its_update(
     ({"secagg_neighbours": 2, "secagg_threshold": 4}, "neighbours"),
     ({"secagg_timeout": 0.0}, "positive"),
     ({"secagg": False, "secagg_bits": 32}, "applies with --secagg"),
+    ({"dp_noise_multiplier": 1.0, "dp_clip": "1", "dp_clip_on": "server"},
+     "drop --dp-clip-on server"),
+    ({"dp_noise_multiplier": 1.0, "dp_clip": "1", "strategy": "median"},
+     "replaces the aggregation rule"),
 ])
 def test_settings_that_cannot_work_are_one_sentence(settings: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         ServerConfig(**{"secagg": True, **settings})
+
+
+def private_round(deltas: dict[str, tuple[Weights, int]], config: ServerConfig,
+                  weights: Weights) -> tuple[Weights, dict[str, float | int]]:
+    """What DP-FedAvg over plainly sent updates gives for round 1 (the reference)."""
+    from fedlearn.strategies import Update
+
+    strategy = build_strategy(config)
+    state = strategy.aggregate(strategy.init(weights),
+                               [Update(d, n, {}, cid) for cid, (d, n) in sorted(deltas.items())],
+                               num_clients=len(deltas))
+    return state.weights, dict(state.scalars)
+
+
+@pytest.mark.parametrize(("noise", "clip"), [(1.0, "0.25"), (0.3, "adaptive:0.5:0.25")])
+def test_dp_fedavg_under_secagg_is_the_private_mean_of_the_clients_clipped_deltas(
+        tmp_path: Path, stores: list[Store], noise: float, clip: str) -> None:
+    """Each client clips its own delta and weighs it 1; the server adds DP's noise to the
+    unmasked sum: the same model (to quantisation error), clip norm and ε as DP-FedAvg over
+    plainly sent updates, with a client gone after its masked upload."""
+    run = Run(tmp_path, stores, dp_noise_multiplier=noise, dp_clip=clip)
+    assert run.coord.strategy.dp is not None
+    parties = run.round(DELTAS, vanish_after_masked=frozenset({"c3"}))
+    # The round's clip goes to the clients; c0's delta (norm 0.23) is the one left unclipped.
+    assert all(p.block.dp_clip == pytest.approx(0.25) for p in parties.values())
+    weights, scalars = private_round(DELTAS, run.config, INITIAL)
+    np.testing.assert_allclose(run.coord.weights["w"], weights["w"], atol=1e-6)
+    assert run.coord.state.scalars["dp/clip"] == pytest.approx(scalars["dp/clip"], rel=1e-9)
+    if clip.startswith("adaptive"):
+        assert scalars["dp/clip"] != pytest.approx(0.25)  # it moved, the same way
+    plain = INITIAL["w"] + sum(min(1.0, 0.25 / float(np.linalg.norm(d["w"]))) * d["w"]
+                               for d, _ in DELTAS.values()) / 4
+    assert not np.allclose(run.coord.weights["w"], plain, atol=1e-3)  # the noise is there
+    rec = run.records[0]
+    assert rec["clients"] == 4 and rec["examples"] == 100 and rec["secagg_recovered"] == 1
+    budget = privacy_budget(run.config, "fixed")
+    assert rec["dp_epsilon"] == pytest.approx(budget.epsilon(1))
 
 
 def test_async_mode_refuses_secagg() -> None:

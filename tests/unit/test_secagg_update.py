@@ -38,7 +38,7 @@ def vector(d: Weights, n: int, scale: float, loss: float | None = 0.5,
 
 
 def test_layout_is_name_ordered_and_round_trips() -> None:
-    assert LAYOUT.names == ("a", "b", "n") and LAYOUT.size == 7 and LAYOUT.dimension == 10
+    assert LAYOUT.names == ("a", "b", "n") and LAYOUT.size == 7 and LAYOUT.dimension == 12
     back = LAYOUT.unflatten(LAYOUT.flatten(delta()))
     for k, v in delta().items():
         np.testing.assert_array_equal(back[k], v.astype(np.float64))
@@ -84,9 +84,11 @@ def test_a_client_refuses_no_examples() -> None:
 
 
 @pytest.mark.parametrize(("tail", "words"), [
-    ((0.0, 0.0, 0.0), "not a positive number"),
-    ((3.5, 0.0, 0.0), "more than one per client"),
-    ((1.0, 0.5, 1.5), "train-loss weights"),
+    ((0.0, 0.0, 0.0, 1.0, 0.0), "not a positive number"),
+    ((3.5, 0.0, 0.0, 1.0, 0.0), "more than one per client"),
+    ((1.0, 0.5, 1.5, 1.0, 0.0), "train-loss weights"),
+    ((1.0, 0.0, 0.0, 0.0, 0.0), "example weights of the sum"),
+    ((1.0, 0.0, 0.0, 1.0, 2.5), "unclipped count"),
 ])
 def test_the_server_refuses_sums_no_honest_clients_make(tail: tuple[float, ...],
                                                         words: str) -> None:
@@ -101,7 +103,33 @@ def test_the_server_refuses_a_sum_over_the_norm_bound() -> None:
     total[:4] += 30.0  # someone sent w·δ far beyond w·B
     problem = check_sum(decode_sum(LAYOUT, total, 2), {k: v.dtype for k, v in CURRENT.items()},
                         norm_limit=10.0, tolerance=1e-9)
-    assert problem is not None and "--max-update-norm" in problem
+    assert problem is not None and "over its bound" in problem
+
+
+def test_under_dp_every_client_weighs_one_and_reports_its_clip_bit() -> None:
+    """DP-FedAvg's vectors sum to Σ δ (equal weights), the examples and the unclipped count."""
+    d1, d2 = delta(0.1, 3), delta(-0.3, 5)
+    v1 = checked_values(LAYOUT, SPEC, d1, CURRENT, num_examples=10, norm_limit=10.0)
+    v2 = checked_values(LAYOUT, SPEC, d2, CURRENT, num_examples=40, norm_limit=10.0)
+    total = (client_vector(v1, num_examples=10, example_scale=40.0, train_loss=0.2, clip=10.0,
+                           equal_weight=True, unclipped=True)
+             + client_vector(v2, num_examples=40, example_scale=40.0, train_loss=0.4, clip=10.0,
+                             equal_weight=True))
+    summed = decode_sum(LAYOUT, total, 2)
+    assert summed.weight == 2.0 and summed.unclipped == 1.0 and summed.examples(40.0) == 50
+    assert summed.train_loss() == pytest.approx(0.3)  # equal weights for the loss too
+    for k in d1:
+        np.testing.assert_allclose(summed.sums[k], d1[k].astype(np.float64) + d2[k], rtol=1e-6)
+    dtypes = {k: v.dtype for k, v in CURRENT.items()}
+    assert check_sum(summed, dtypes, norm_limit=1.0, tolerance=1e-9, equal_weight=True) is None
+    # A sum whose weights are not one per client, or over the clip norm, is refused.
+    bad = total.copy()
+    bad[LAYOUT.size] = 1.5
+    problem = check_sum(decode_sum(LAYOUT, bad, 2), dtypes, norm_limit=1.0, tolerance=1e-9,
+                        equal_weight=True)
+    assert problem is not None and "weighs 1" in problem
+    problem = check_sum(summed, dtypes, norm_limit=0.2, tolerance=1e-9, equal_weight=True)
+    assert problem is not None and "over its bound" in problem
 
 
 @pytest.mark.parametrize("n", [3, 5, 11, 100])

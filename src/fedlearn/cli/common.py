@@ -130,8 +130,9 @@ DPClipOpt = Annotated[
                              "update norms.", rich_help_panel="Differential privacy")
 ]
 DPClipOnOpt = Annotated[
-    str, typer.Option("--dp-clip-on", help="Where DP-FedAvg clips: server or client.",
-                      rich_help_panel="Differential privacy")
+    str | None, typer.Option("--dp-clip-on", help="Where DP-FedAvg clips: server or client. "
+                             "[default: server; client with --secagg]",
+                             rich_help_panel="Differential privacy")
 ]
 DPTargetOpt = Annotated[
     float | None, typer.Option("--dp-target-epsilon", help="Stop the run before a round "

@@ -155,7 +155,7 @@ def run(
     dp_delta: RunDPDeltaOpt = None,
     dp_noise_multiplier: DPNoiseOpt = None,
     dp_clip: DPClipOpt = None,
-    dp_clip_on: DPClipOnOpt = "server",
+    dp_clip_on: DPClipOnOpt = None,
     dp_target_epsilon: DPTargetOpt = None,
     attack: AttackOpt = None,
     attackers: AttackersOpt = None,

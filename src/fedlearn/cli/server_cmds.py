@@ -291,7 +291,8 @@ def server(
     dp_noise_multiplier: DPNoiseOpt = None,
     dp_clip: DPClipOpt = None,
     dp_clip_on: Annotated[str | None, typer.Option(
-        "--dp-clip-on", help="Where DP-FedAvg clips: server or client. [default: server]",
+        "--dp-clip-on", help="Where DP-FedAvg clips: server or client. [default: server; "
+        "client with --secagg]",
         rich_help_panel="Differential privacy")] = None,
     dp_delta: Annotated[float | None, typer.Option(
         "--dp-delta", help="delta of DP-FedAvg's reported epsilon. [default: 1/--min-clients]",

@@ -203,7 +203,7 @@ def sim(
         label=label, test_fraction=test_fraction, eval_every=eval_every,
         eval_fraction=eval_fraction, seed=seed, train=train,
         max_parallel=max_parallel, precision=precision, dp_sgd=dp_sgd, dp_delta=dp_delta,
-        dp_noise_multiplier=dp_noise_multiplier, dp_clip=dp_clip, dp_clip_on=dp_clip_on,
+        dp_noise_multiplier=dp_noise_multiplier, dp_clip=dp_clip, dp_clip_on=dp_clip_on or "server",
         dp_target_epsilon=dp_target_epsilon,
         attack=attack or "", attackers=attackers, mode=mode, max_staleness=max_staleness,
         client_speeds=client_speeds, round_timeout=round_timeout, updates=updates,

@@ -64,12 +64,13 @@ class SecAggTask:
     dimension: int
     stage_timeout: float
     seconds_left: float
+    dp_clip: float | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SecAggTask:
         """Parse it; RemoteError naming what is missing or wrong."""
         try:
-            neighbours = data.get("neighbours")
+            neighbours, dp_clip = data.get("neighbours"), data.get("dp_clip")
             task = cls(
                 index=_int(data["index"]), threshold=_int(data["threshold"]),
                 bits=_int(data["bits"]), clip_range=_num(data["range"]),
@@ -78,7 +79,10 @@ class SecAggTask:
                 graph_seed=_int(data["graph_seed"]),
                 max_update_norm=_num(data["max_update_norm"]), dimension=_int(data["dimension"]),
                 stage_timeout=_num(data["stage_timeout"]), seconds_left=_num(data["seconds_left"]),
+                dp_clip=None if dp_clip is None else _num(dp_clip),
             )
+            if task.dp_clip is not None and not task.dp_clip > 0:
+                raise ValueError(f"the DP clip norm {task.dp_clip} is not positive")
             task.params()
         except (KeyError, TypeError, ValueError, FedlearnError) as exc:
             raise RemoteError(f"the server's secure aggregation settings are not valid ({exc}); "
@@ -95,21 +99,38 @@ class SecAggTask:
                             neighbours=self.neighbours, graph_seed=self.graph_seed)
 
 
+@dataclass(frozen=True)
+class CheckedUpdate:
+    """A client's update ready to mask: its values in the vector's order, and under
+    DP-FedAvg whether its own clip left it as it was (``unclipped``)."""
+
+    values: npt.NDArray[np.float64]
+    unclipped: bool = False
+
+
 def check_update(task: SecAggTask, weights: Weights, delta: Weights,
-                 num_examples: int) -> npt.NDArray[np.float64]:
-    """This client's update, checked, as values in the vector's order; PayloadError for an
-    update it must not send (see :func:`~fedlearn.privacy.secagg_update.checked_values`)."""
+                 num_examples: int) -> CheckedUpdate:
+    """This client's update, clipped to the round's DP clip norm when there is one and
+    checked; PayloadError for an update it must not send (a NaN, for one; see
+    :func:`~fedlearn.privacy.secagg_update.checked_values`)."""
     spec = spec_of(weights)
     layout = UpdateLayout.of(spec)
     if layout.dimension != task.dimension:
         raise RemoteError(f"the server expects {task.dimension} values in a masked update but "
                           f"this client's model gives {layout.dimension}; train the run's task.")
-    return checked_values(layout, spec, delta, weights, num_examples=num_examples,
-                          norm_limit=task.max_update_norm)
+    unclipped = False
+    if task.dp_clip is not None:
+        # DP-FedAvg: the server never sees this update, so the client clips it (b = ‖Δ‖ ≤ C).
+        from fedlearn.privacy.dp import clip, unclipped_bit
+
+        delta, norm = clip(delta, task.dp_clip)
+        unclipped = bool(unclipped_bit(norm, task.dp_clip))
+    return CheckedUpdate(checked_values(layout, spec, delta, weights, num_examples=num_examples,
+                                        norm_limit=task.max_update_norm), unclipped)
 
 
 def run_stages(
-    remote: StageRemote, task_id: str, task: SecAggTask, values: npt.NDArray[np.float64], *,
+    remote: StageRemote, task_id: str, task: SecAggTask, update: CheckedUpdate, *,
     num_examples: int, train_loss: float | None, call: Callable[[Callable[[], Any]], Any],
     wait: float,
     clock: Callable[[], float] = time.monotonic,
@@ -117,10 +138,11 @@ def run_stages(
 ) -> None:
     """The four stages for this client; returns once its unmask shares are sent.
 
-    ``values`` come from :func:`check_update`; the client declares
+    ``update`` comes from :func:`check_update`; the client declares
     ``num_examples`` with its keys and weighs its update by min(n, E)/E once the
-    server names E, the largest count declared in the round. ``call(fn)`` runs
-    one request (with the worker's retries), ``wait`` is the long-poll length.
+    server names E, the largest count declared in the round (by 1 under
+    DP-FedAvg). ``call(fn)`` runs one request (with the worker's retries),
+    ``wait`` is the long-poll length.
     ConflictError when the server closed a stage without this client or aborted
     the round; SecAggAbortedError when too few clients are left or a stage never
     opens; PayloadError for messages that fail their checks (a share that does
@@ -151,8 +173,9 @@ def run_stages(
             scale, int | float) or not scale >= num_examples:
         raise RemoteError("the server's key list or example scale is not valid; use the same "
                           "fedlearn version on server and clients.")
-    vector = client_vector(values, num_examples=num_examples, example_scale=float(scale),
-                           train_loss=train_loss, clip=task.clip_range)
+    vector = client_vector(update.values, num_examples=num_examples, example_scale=float(scale),
+                           train_loss=train_loss, clip=task.clip_range,
+                           equal_weight=task.dp_clip is not None, unclipped=update.unclipped)
     post("shares", client.share_keys([KeyAdvert.from_json(k) for k in keys]).to_json())
     inbox = ShareInbox.from_json(fetch("inbox").get("inbox"))
     post("masked", client.masked_input(vector, inbox).masked)

@@ -415,7 +415,7 @@ class _Worker:
                                 version=task.version, slowdown=self.config.slowdown,
                                 control=control)
         bound = config.extra.get("dp_clip")
-        if bound is not None:
+        if bound is not None and task.secagg is None:  # (under --secagg: in send_masked)
             # DP-FedAvg with --dp-clip-on client: the delta is clipped before it leaves.
             from fedlearn.privacy.dp import clip
 
@@ -557,7 +557,7 @@ class _Worker:
 
         secagg = SecAggTask.from_json(task.secagg or {})
         try:
-            values = check_update(secagg, weights, result.delta, result.num_examples)
+            update = check_update(secagg, weights, result.delta, result.num_examples)
         except PayloadError as exc:
             self.refused += 1
             self.refused_task = task.task_id  # not trained and refused again this round
@@ -570,7 +570,7 @@ class _Worker:
             self.sleep(pause)
 
         try:
-            run_stages(self.remote, task.task_id, secagg, values,
+            run_stages(self.remote, task.task_id, secagg, update,
                        num_examples=result.num_examples,
                        train_loss=result.metrics.get("train_loss"), call=self.call,
                        wait=self.config.poll_wait, after_masked=paused if pause > 0 else None)

@@ -39,6 +39,7 @@ import numpy as np
 from fedlearn.errors import ConfigError
 from fedlearn.privacy.dp import AdaptiveClip, AdaptiveClipState, clip, effective_noise_multiplier
 from fedlearn.privacy.dp import dp_mean as fixed_denominator_mean
+from fedlearn.strategies.strategy import ClippedSum
 from fedlearn.types import Weights
 
 #: Scalar key of the current clip norm in the strategy state.
@@ -132,14 +133,24 @@ class DPFedAvg:
             unclipped += int(norm <= c and not at_clip)
             for k, v in clipped.items():
                 total[k] += v
+        return self.mean_of_sum(scalars, ClippedSum(total, len(deltas), unclipped),
+                                round_number, like)
+
+    def mean_of_sum(self, scalars: Mapping[str, float | int], clipped: ClippedSum,
+                    round_number: int, like: Weights) -> tuple[Weights, dict[str, float]]:
+        """The private mean of a sum of ``clipped.count`` deltas each clipped to this
+        round's C (by :meth:`mean`, or by the clients under secure aggregation), and
+        the next scalars; ``clipped.unclipped`` feeds adaptive clipping."""
+        c = self.clip_norm(scalars)
         stddev = self.update_noise_multiplier() * c
-        mean = fixed_denominator_mean(total, stddev, self.expected_clients, self.seed,
-                                      round_number)
+        mean = fixed_denominator_mean(dict(clipped.sums), stddev, self.expected_clients,
+                                      self.seed, round_number)
         mean = {k: v.astype(np.asarray(like[k]).dtype) for k, v in mean.items()}
         nxt = {CLIP_KEY: c}
         if self.adaptive is not None:
-            state = self.adaptive.update(AdaptiveClipState(c), unclipped, self.expected_clients,
-                                         self.seed, round_number, num_reports=len(deltas))
+            state = self.adaptive.update(AdaptiveClipState(c), clipped.unclipped,
+                                         self.expected_clients, self.seed, round_number,
+                                         num_reports=clipped.count)
             nxt[CLIP_KEY] = state.clip_norm
         return mean, nxt
 

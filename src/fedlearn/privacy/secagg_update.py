@@ -3,14 +3,18 @@
 Under secure aggregation the server learns only the sum of the clients'
 vectors, so a client folds everything the round needs from it into one:
 
-    x = [w·δ (every array of the delta, flattened in name order), w, w·k·loss, w·k]
+    x = [s·δ (every array of the delta, flattened in name order), s, s·k·loss, s·k, w, u]
 
 with ``w = min(n, E) / E`` its example weight (``n`` examples trained on, ``E``
 the round's example scale: the largest count the round's clients declared
-with their keys), ``loss`` its mean train loss and ``k`` 1 when it reports one. The
-sum gives the example-weighted mean delta Σwδ / Σw (FedAvg's, as the plain path
-computes it), the examples behind the round (E·Σw) and the example-weighted
-train loss, and nothing about any one client.
+with their keys), ``s`` the weight its delta carries in the sum (``w`` under
+FedAvg; 1 under DP-FedAvg, whose sum gives every client the same weight),
+``loss`` its mean train loss, ``k`` 1 when it reports one, and ``u`` 1 when
+DP-FedAvg's clip did not shorten its delta (the unclipped count adaptive
+clipping needs; 0 without DP). The sum gives the weighted mean delta Σsδ / Σs
+(FedAvg's, as the plain path computes it) or DP-FedAvg's sum of clipped
+deltas, the examples behind the round (E·Σw), the weighted train loss and the
+unclipped count, and nothing about any one client.
 
 **Range.** Quantisation clips every coordinate to [-R, R] with
 ``R = max(B, 1)``, ``B`` the server's norm bound (``--max-update-norm``): for
@@ -36,8 +40,9 @@ from fedlearn.errors import PayloadError
 from fedlearn.types import Weights
 from fedlearn.weights import Spec, check, check_delta, float_norm
 
-#: Coordinates after the model's values: the weight, the weighted loss, the loss weight.
-EXTRA = 3
+#: Coordinates after the model's values: the delta's weight, the weighted loss, the loss
+#: weight, the example weight and the unclipped bit.
+EXTRA = 5
 
 
 def clip_range(norm_limit: float) -> float:
@@ -116,17 +121,21 @@ def checked_values(
 
 
 def client_vector(values: npt.NDArray[np.float64], *, num_examples: int, example_scale: float,
-                  train_loss: float | None, clip: float) -> npt.NDArray[np.float64]:
+                  train_loss: float | None, clip: float, equal_weight: bool = False,
+                  unclipped: bool = False) -> npt.NDArray[np.float64]:
     """The vector of the module doc from :func:`checked_values`; ``clip`` is R (a train loss
-    outside [-R, R] is left out of the loss coordinates)."""
+    outside [-R, R] is left out of the loss coordinates). ``equal_weight`` (DP-FedAvg) gives
+    the delta weight 1 instead of its example weight; ``unclipped`` is DP's bit u."""
     if not (math.isfinite(example_scale) and example_scale >= 1):
         raise PayloadError(f"the round's example scale must be at least 1, got {example_scale}.")
     w = example_weight(num_examples, example_scale)
+    s = 1.0 if equal_weight else w
     known = train_loss is not None and math.isfinite(train_loss) and abs(train_loss) <= clip
     loss = float(train_loss) if known and train_loss is not None else 0.0
     out = np.empty(values.size + EXTRA, dtype=np.float64)
-    out[:values.size] = w * values
-    out[values.size:] = (w, w * loss if known else 0.0, w if known else 0.0)
+    out[:values.size] = s * values
+    out[values.size:] = (s, s * loss if known else 0.0, s if known else 0.0, w,
+                         1.0 if unclipped else 0.0)
     return out
 
 
@@ -134,18 +143,20 @@ def client_vector(values: npt.NDArray[np.float64], *, num_examples: int, example
 class SummedUpdate:
     """What the unmasked sum of ``count`` client vectors says."""
 
-    sums: Weights  # Σ w·δ per array, float64
-    weight: float  # Σ w
-    loss_sum: float  # Σ w·loss over clients that reported one
-    loss_weight: float  # Σ w over those clients
+    sums: Weights  # Σ s·δ per array, float64
+    weight: float  # Σ s
+    loss_sum: float  # Σ s·loss over clients that reported one
+    loss_weight: float  # Σ s over those clients
+    example_weight: float  # Σ w
+    unclipped: float  # Σ u
     count: int
 
     def examples(self, example_scale: float) -> int:
         """The examples behind the round: E·Σw, to the nearest integer."""
-        return round(self.weight * example_scale)
+        return round(self.example_weight * example_scale)
 
     def train_loss(self) -> float | None:
-        """The example-weighted mean train loss (None when no client reported one)."""
+        """The weighted mean train loss (None when no client reported one)."""
         return self.loss_sum / self.loss_weight if self.loss_weight > 1e-9 else None
 
 
@@ -154,19 +165,23 @@ def decode_sum(layout: UpdateLayout, total: npt.NDArray[np.float64], count: int)
     if total.shape != (layout.dimension,):
         raise PayloadError(f"the unmasked sum has {total.size} values; the layout needs "
                            f"{layout.dimension}.")
-    weight, loss_sum, loss_weight = (float(v) for v in total[layout.size:])
-    return SummedUpdate(layout.unflatten(total), weight, loss_sum, loss_weight, count)
+    weight, loss_sum, loss_weight, example_weight, unclipped = (
+        float(v) for v in total[layout.size:])
+    return SummedUpdate(layout.unflatten(total), weight, loss_sum, loss_weight, example_weight,
+                        unclipped, count)
 
 
 def check_sum(summed: SummedUpdate, dtypes: Mapping[str, np.dtype], *, norm_limit: float,
-              tolerance: float) -> str | None:
+              tolerance: float, equal_weight: bool = False) -> str | None:
     """What is wrong with an unmasked sum, or None: the server's check of what it can see.
 
-    Every honest vector has ``0 < w ≤ 1``, ``0 ≤ w·k ≤ w`` and
-    ``‖w·δ‖ ≤ w·B`` over the float arrays, so the sum has ``0 < Σw ≤ count``
-    and ``‖Σ w·δ‖ ≤ B·Σw`` (triangle inequality); ``tolerance`` is the
-    quantisation error allowed per coordinate. A sum outside these bounds
-    proves that some client sent a vector outside its own.
+    Every honest vector has ``0 < s ≤ 1`` (``s = 1`` with ``equal_weight``),
+    ``0 ≤ s·k ≤ s``, ``0 < w ≤ 1``, ``u`` 0 or 1 and ``‖s·δ‖ ≤ s·B`` over the
+    float arrays (``B`` is ``norm_limit``: the server's norm bound, or DP's clip
+    norm), so the sum has ``0 < Σs ≤ count`` (``= count``), ``0 < Σw ≤ count``,
+    ``0 ≤ Σu ≤ count`` and ``‖Σ s·δ‖ ≤ B·Σs`` (triangle inequality);
+    ``tolerance`` is the quantisation error allowed per coordinate. A sum
+    outside these bounds proves that some client sent a vector outside its own.
     """
     slack = tolerance * summed.count
     if not summed.weight > slack:
@@ -174,6 +189,13 @@ def check_sum(summed: SummedUpdate, dtypes: Mapping[str, np.dtype], *, norm_limi
     if summed.weight > summed.count + slack:
         return (f"the clients' example weights sum to {summed.weight:.4g}, more than one per "
                 f"client ({summed.count})")
+    if equal_weight and abs(summed.weight - summed.count) > slack:
+        return (f"the clients' weights sum to {summed.weight:.4g}, but under DP-FedAvg every "
+                f"one of the {summed.count} clients weighs 1")
+    if not slack < summed.example_weight <= summed.count + slack:
+        return "the example weights of the sum are out of range"
+    if not -slack <= summed.unclipped <= summed.count + slack:
+        return "the unclipped count of the sum is out of range"
     if not -slack <= summed.loss_weight <= summed.weight + slack:
         return "the train-loss weights of the sum are out of range"
     floats = {k: v for k, v in summed.sums.items() if np.dtype(dtypes[k]).kind == "f"}
@@ -182,5 +204,5 @@ def check_sum(summed: SummedUpdate, dtypes: Mapping[str, np.dtype], *, norm_limi
     bound = norm_limit * summed.weight + math.sqrt(values) * slack
     if not size <= bound:
         return (f"the sum's norm {size:.4g} is over the norm bound times the clients' weight "
-                f"({bound:.4g}), so some client sent an update over --max-update-norm")
+                f"({bound:.4g}), so some client sent an update over its bound")
     return None

@@ -511,7 +511,9 @@ class SyncCoordinator:
                                 now + self.config.round_timeout, now,
                                 RoundUpdates(self.strategy), config)
         if self.secagg is not None:
-            self._round.secagg = self.secagg.open(number, attempt, frozenset(sampled))
+            dp_clip = config.get("dp_clip")  # DP-FedAvg: under --secagg the clients clip
+            self._round.secagg = self.secagg.open(number, attempt, frozenset(sampled),
+                                                  None if dp_clip is None else float(dp_clip))
         self.phase = "training"
         self._started_once = True
         self.on_change()

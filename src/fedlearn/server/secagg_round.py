@@ -19,7 +19,11 @@ sum: the survivors' shares of its self-mask seed remove its mask.
 
 The server holds public keys, ciphertexts, masked vectors and, at the end,
 the unmasked *sum*, which :mod:`fedlearn.privacy.secagg_update` turns into
-FedAvg's running sum for the strategy (:meth:`SecAggRound.finish`).
+FedAvg's running sum for the strategy (:meth:`SecAggRound.finish`). Under
+DP-FedAvg every client clips its own delta to the round's clip norm (sent in
+its ``secagg`` block as ``dp_clip``) and weighs it 1, so the sum is the sum of
+clipped deltas the private mean adds its noise to (after unmasking, on the
+server: the server sees the exact sum, never one update).
 
 Not thread-safe: the coordinator calls everything but :meth:`SecAggRound.finish`
 under its lock; ``finish`` runs outside it once the last stage has closed.
@@ -34,6 +38,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from fedlearn.errors import ConfigError, ConflictError, PayloadError, SecAggAbortedError
 from fedlearn.privacy.secagg import SecAggParams
@@ -50,7 +56,7 @@ from fedlearn.privacy.secagg_server import SecAggServer
 from fedlearn.privacy.secagg_update import UpdateLayout, check_sum, clip_range, decode_sum
 from fedlearn.rounds import RoundFailed, RoundUpdates
 from fedlearn.seeding import rng_for
-from fedlearn.strategies import Strategy
+from fedlearn.strategies import ClippedSum, Strategy
 from fedlearn.types import Weights
 from fedlearn.weights import RunningSum, spec_of
 
@@ -107,12 +113,13 @@ class SecAggPlan:
     """A run's secure aggregation: its settings, the update's layout and range.
 
     Raises :class:`ConfigError` for a strategy that needs every client's
-    update (robust rules, norm bounding, SCAFFOLD) or a run with no norm bound.
+    update (robust rules, norm bounding, SCAFFOLD; DP-FedAvg takes the sum of
+    client-clipped deltas instead) or a run with no norm bound.
     """
 
     def __init__(self, settings: SecAggSettings, strategy: Strategy, initial: Weights,
                  norm_limit: float | None, seed: int) -> None:
-        if strategy.needs_all:
+        if strategy.needs_all and strategy.dp is None:
             raise ConfigError(f"--secagg lets the server see only the sum of the updates, but "
                               f"strategy {strategy.name!r} needs every client's own update; "
                               "use fedavg, fedavgm, fedadam, fedyogi, fedadagrad or fedprox.")
@@ -127,22 +134,26 @@ class SecAggPlan:
         self.clip_range = clip_range(norm_limit)
         self.seed = seed
 
-    def open(self, number: int, attempt: int, sampled: frozenset[str]) -> SecAggRound:
-        """The secure aggregation of one attempt at round ``number`` among ``sampled``."""
+    def open(self, number: int, attempt: int, sampled: frozenset[str],
+             dp_clip: float | None = None) -> SecAggRound:
+        """The secure aggregation of one attempt at round ``number`` among ``sampled``;
+        ``dp_clip`` is DP-FedAvg's clip norm for the round (None without DP)."""
         k = len(sampled)
         graph_seed = int(rng_for("secagg-graph", self.seed, number, attempt).integers(2**62))
         params = SecAggParams(threshold=self.settings.threshold_for(k), clip_range=self.clip_range,
                               max_clients=k, bits=self.settings.bits,
                               neighbours=self.settings.neighbours, graph_seed=graph_seed)
-        return SecAggRound(self, params, sampled)
+        return SecAggRound(self, params, sampled, dp_clip)
 
 
 class SecAggRound:
     """One round attempt's stages (see the module doc); ``stage`` 0 to 3, then 4 (sum)."""
 
-    def __init__(self, plan: SecAggPlan, params: SecAggParams, sampled: frozenset[str]) -> None:
+    def __init__(self, plan: SecAggPlan, params: SecAggParams, sampled: frozenset[str],
+                 dp_clip: float | None = None) -> None:
         self.plan = plan
         self.params = params
+        self.dp_clip = dp_clip
         self.examples: dict[str, int] = {}  # declared with the keys
         self.example_scale = 1.0  # E: the largest count declared, fixed when keys go out
         self.server = SecAggServer(params, plan.layout.dimension)
@@ -174,7 +185,7 @@ class SecAggRound:
                 "graph_seed": p.graph_seed, "max_update_norm": self.plan.norm_limit,
                 "dimension": self.plan.layout.dimension,
                 "stage_timeout": self.plan.settings.stage_timeout,
-                "seconds_left": max(0.0, seconds_left)}
+                "seconds_left": max(0.0, seconds_left), "dp_clip": self.dp_clip}
 
     @property
     def training_open(self) -> bool:
@@ -321,12 +332,19 @@ class SecAggRound:
         unmask_seconds = time.perf_counter() - started
         plan = self.plan
         summed = decode_sum(plan.layout, total, count)
-        problem = check_sum(summed, plan.dtypes, norm_limit=plan.norm_limit,
-                            tolerance=1.0 / self.params.scale)
+        dp = self.dp_clip is not None
+        problem = check_sum(summed, plan.dtypes, tolerance=1.0 / self.params.scale,
+                            norm_limit=plan.norm_limit if self.dp_clip is None else min(
+                                plan.norm_limit, self.dp_clip), equal_weight=dp)
         if problem is not None:
             raise RoundFailed(f"the unmasked sum is out of bounds ({problem})")
-        updates = RoundUpdates(plan.strategy)  # a streaming strategy: its running sum
-        updates.total = RunningSum.of_sum(summed.sums, summed.weight, count, plan.dtypes)
+        updates = RoundUpdates(plan.strategy)
+        if dp:  # DP-FedAvg: the sum of client-clipped deltas, for the private mean
+            sums = {k: v if np.dtype(plan.dtypes[k]).kind == "f" else np.rint(v).astype(np.int64)
+                    for k, v in summed.sums.items()}
+            updates.clipped = ClippedSum(sums, count, round(summed.unclipped))
+        else:  # a streaming strategy: its running sum
+            updates.total = RunningSum.of_sum(summed.sums, summed.weight, count, plan.dtypes)
         record = {
             "clients": count,
             "examples": summed.examples(self.example_scale),

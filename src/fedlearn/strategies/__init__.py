@@ -51,12 +51,13 @@ from fedlearn.strategies.spec import (
     parse_strategy,
     spec_options,
 )
-from fedlearn.strategies.strategy import Strategy
+from fedlearn.strategies.strategy import ClippedSum, Strategy
 
 __all__ = [
     "STRATEGIES",
     "STRATEGY_TABLE",
     "AggregationRule",
+    "ClippedSum",
     "NotEnoughUpdatesError",
     "Rule",
     "ServerState",

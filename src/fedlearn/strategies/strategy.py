@@ -42,6 +42,18 @@ SCAFFOLD_C = "scaffold/c"
 ClientConfig = dict[str, float | int | str]
 
 
+@dataclass(frozen=True)
+class ClippedSum:
+    """The sum of a round's clipped deltas, summed with equal weight, as secure
+    aggregation hands it over: ``sums`` (float arrays in float64, integer ones in
+    int64), how many deltas (``count``) and how many were not shortened by the
+    clip (``unclipped``, for adaptive clipping)."""
+
+    sums: Weights
+    count: int
+    unclipped: int
+
+
 class PrivateMean(Protocol):
     """A private mean that replaces the rule (user-level DP-FedAvg:
     :class:`fedlearn.privacy.dpfedavg.DPFedAvg`). Its state is scalars in the
@@ -55,9 +67,18 @@ class PrivateMean(Protocol):
         """Keys for the clients' round config (e.g. the clip norm when clients clip)."""
         ...
 
+    def clip_norm(self, scalars: Mapping[str, float | int]) -> float:
+        """The clip norm of the round about to be aggregated."""
+        ...
+
     def mean(self, scalars: Mapping[str, float | int], deltas: Sequence[Weights],
              round_number: int, like: Weights) -> tuple[Weights, dict[str, float]]:
         """The private mean of ``deltas`` for round ``round_number``, and the next scalars."""
+        ...
+
+    def mean_of_sum(self, scalars: Mapping[str, float | int], clipped: ClippedSum,
+                    round_number: int, like: Weights) -> tuple[Weights, dict[str, float]]:
+        """Like :meth:`mean`, from the sum of deltas the clients clipped themselves."""
         ...
 
 
@@ -182,6 +203,18 @@ class Strategy:
                 self._arrays(state, SCAFFOLD_C), [_delta_c(u) for u in updates],
                 num_clients=num_clients)
         return self._advance(state, self.rule.apply(updates), control)
+
+    def aggregate_clipped_sum(self, state: ServerState, clipped: ClippedSum) -> ServerState:
+        """Like :meth:`aggregate` for a DP strategy, from the sum of the round's deltas
+        clipped by their clients (secure aggregation's unmasked sum): the private mean
+        of that sum, then the optimizer. ValueError without ``dp``."""
+        if self.dp is None:
+            raise ValueError(f"strategy {self.name!r} has no private mean to take a clipped "
+                             "sum; call aggregate_sum")
+        check_like(state.weights, clipped.sums, "the clipped sum")
+        delta, scalars = self.dp.mean_of_sum(state.scalars, clipped, state.version + 1,
+                                             state.weights)
+        return self._advance(replace(state, scalars={**state.scalars, **scalars}), delta, None)
 
     def aggregate_sum(self, state: ServerState, total: RunningSum, *, num_clients: int,
                       count: int) -> ServerState:
