@@ -22,6 +22,8 @@ CHECKS = [
      {"fastapi", "starlette", "uvicorn", "httpx", "torch", "fedlearn.cli"}),
     ("fedlearn.server.async_coordinator",
      {"fastapi", "starlette", "uvicorn", "httpx", "torch", "fedlearn.cli"}),
+    ("fedlearn.server.coordinator_base",
+     {"fastapi", "starlette", "uvicorn", "httpx", "torch", "fedlearn.cli"}),
     ("fedlearn.server.secagg_round",
      {"fastapi", "starlette", "uvicorn", "httpx", "torch", "fedlearn.cli"}),
     # The client's side of secure aggregation speaks through the worker's remote.
@@ -39,3 +41,25 @@ def test_module_does_not_import(module: str, forbidden: set[str]) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip() == "", f"{module} imports {out.stdout.strip()}"
+
+
+def test_the_web_layer_and_runner_see_one_coordinator_interface() -> None:
+    """app.py, secagg_routes.py and runner.py talk to the common base: no mode branches on
+    the coordinator's class (a new mode is a subclass, not an isinstance branch)."""
+    import ast
+    import inspect
+
+    from fedlearn.server import app, runner, secagg_routes
+    from fedlearn.server.async_coordinator import AsyncCoordinator
+    from fedlearn.server.coordinator import SyncCoordinator
+    from fedlearn.server.coordinator_base import Coordinator
+
+    assert issubclass(SyncCoordinator, Coordinator) and issubclass(AsyncCoordinator, Coordinator)
+    for module in (app, runner, secagg_routes):
+        tree = ast.parse(inspect.getsource(module))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance":
+                assert "Coordinator" not in ast.unparse(node), (module.__name__, ast.unparse(node))
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        if module is not runner:  # the runner builds one of them for the run's mode
+            assert not names & {"SyncCoordinator", "AsyncCoordinator"}, module.__name__

@@ -26,8 +26,7 @@ from fedlearn.errors import (
     FedlearnError,
     PayloadError,
 )
-from fedlearn.server.async_coordinator import AsyncCoordinator
-from fedlearn.server.coordinator import SyncCoordinator
+from fedlearn.server.coordinator_base import Coordinator
 from fedlearn.server.store import hash_secret
 from fedlearn.server.wire import (
     ERRORS,
@@ -82,7 +81,7 @@ def _bearer(authorization: str | None) -> str:
 
 
 def create_app(
-    coordinator: SyncCoordinator | AsyncCoordinator,
+    coordinator: Coordinator,
     *,
     join_token: str,
     run_id: str,
@@ -94,7 +93,8 @@ def create_app(
 ) -> FastAPI:
     """A FastAPI app serving the protocol of docs/protocol.md for ``coordinator``.
 
-    The coordinator's mode decides what ``POST /api/update`` takes: ``round=R``
+    The coordinator decides what ``POST /api/update`` takes
+    (:attr:`~fedlearn.server.coordinator_base.Coordinator.update_query`): ``round=R``
     (sync) or ``version=V``, the version the delta was trained from (async).
     ``allowed`` (client id -> SHA-256 of its token, from ``--clients-file``) replaces
     the join token: only those clients, each with its own token, may register.
@@ -102,7 +102,6 @@ def create_app(
     hub = Hub()
     limiter = RateLimit(REGISTER_BURST, REGISTER_RATE)
     uploads = asyncio.Semaphore(UPLOADS_AT_ONCE)
-    asynchronous = isinstance(coordinator, AsyncCoordinator)
     previous = coordinator.on_change
 
     def on_change() -> None:
@@ -250,18 +249,12 @@ def create_app(
             lambda: coordinator.register(payload["client_id"], n, num_test_examples=n_test,
                                          identity=identity, task_name=task_name,
                                          credential=old, claim=claim))
-        cfg = coordinator.config
-        run_length: dict[str, Any] = (
-            {"rounds": 0, "max_updates": cfg.max_updates, "max_seconds": cfg.max_seconds,
-             "policy": cfg.async_policy}
-            if asynchronous else {"rounds": cfg.rounds}
-        )
         return {
             "client_id": payload["client_id"],
             "credential": credential,
             "run_id": run_id,
-            "mode": cfg.mode,
-            **run_length,
+            "mode": coordinator.mode,
+            **coordinator.run_length(),
             "dataset": coordinator.config.dataset,
             "model": coordinator.config.model,
             "task": coordinator.task_name,
@@ -325,20 +318,19 @@ def create_app(
         x_fedlearn_run: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any]:
         """Upload one delta (safetensors body): for ``round`` (sync) or from ``version`` (async)."""
-        name, number = ("version", version) if asynchronous else ("round", round)
-        if number is None:
-            raise RequestValidationError([{"loc": ("query", name), "msg": "Field required"}])
+        name = coordinator.update_query
+        number = version if name == "version" else round
+        given = {name: number, "task_id": task_id}
+        missing = [k for k in (name, *coordinator.update_requires) if given.get(k) is None]
+        if number is None or missing:  # (number is None only when its name is missing)
+            raise RequestValidationError([{"loc": ("query", k), "msg": "Field required"}
+                                          for k in missing])
         if x_fedlearn_run is not None and x_fedlearn_run != run_id:
             raise ConflictError(
                 f"this update is for run {x_fedlearn_run!r} but this server runs {run_id!r}; "
                 "register with this server again."
             )
-        if isinstance(coordinator, AsyncCoordinator):
-            if task_id is None:
-                raise RequestValidationError([{"loc": ("query", "task_id"),
-                                               "msg": "Field required"}])
-        else:
-            coordinator.precheck(client_id, number, task_id)
+        coordinator.precheck(client_id, number, task_id)
         # At most UPLOADS_AT_ONCE bodies are read and decoded at a time: memory stays
         # flat however many clients upload together (the others wait their turn).
         async with uploads:
@@ -353,14 +345,8 @@ def create_app(
                          ("seconds", seconds))
             if v is not None
         })
-        if isinstance(coordinator, AsyncCoordinator):
-            merged = await run_in_threadpool(
-                coordinator.submit, client_id, number, delta, num_examples, values, task_id
-            )
-            return {"accepted": True, "version": number, "update": merged.update,
-                    "staleness": merged.staleness, "server_version": merged.version}
         return await run_in_threadpool(
-            coordinator.submit, client_id, number, delta, num_examples, values, task_id
+            coordinator.receive_update, client_id, number, delta, num_examples, values, task_id
         )
 
     @app.post("/api/evaluate", responses=ERRORS)
@@ -384,7 +370,7 @@ def create_app(
         counts and its own record; the join token sees every client id)."""
         return {"run_id": run_id, **coordinator.status(viewer)}
 
-    if isinstance(coordinator, SyncCoordinator) and coordinator.secagg is not None:
+    if coordinator.secagg is not None:
         from fedlearn.server.secagg_routes import add_secagg_routes
 
         add_secagg_routes(app, coordinator, wake=lambda: hub.event, client_auth=client_auth)

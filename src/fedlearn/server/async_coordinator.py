@@ -24,12 +24,11 @@ checkpointed is.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 from fedlearn.config import ServerConfig, TrainConfig
 from fedlearn.errors import ConflictError, PayloadError
@@ -42,15 +41,13 @@ from fedlearn.server.async_types import (
     Merged,
     Snapshot,
 )
-from fedlearn.server.clients import ClientRegistry, check_identity
-from fedlearn.server.coordinator import REPLAY_MEMORY
-from fedlearn.server.fedeval import FedEval
+from fedlearn.server.coordinator_base import Coordinator
 from fedlearn.server.store import Store
 from fedlearn.server.sync_types import Evaluator, eval_record
 from fedlearn.strategies import sample_clients
 from fedlearn.strategies.async_policies import AsyncState, make_policy
 from fedlearn.types import Weights
-from fedlearn.weights import Spec, check, check_delta, float_norm, spec_of, unusable
+from fedlearn.weights import check, check_delta, unusable
 
 log = logging.getLogger("fedlearn.server")
 
@@ -60,8 +57,15 @@ __all__ = ["DONE", "WAIT", "AsyncCoordinator", "AsyncTask", "Merged", "Snapshot"
 META_KEY = "async_state"
 
 
-class AsyncCoordinator:
+class AsyncCoordinator(Coordinator):
     """Merges updates as they arrive until ``max_updates`` or ``max_seconds`` (see module doc)."""
+
+    mode: ClassVar[str] = "async"
+    update_query: ClassVar[str] = "version"
+    update_requires: ClassVar[tuple[str, ...]] = ("task_id",)
+    _answers: OrderedDict[str, Merged]
+    #: clients are mid-training when the run stops; each hears "done" at its next poll
+    done_grace_seconds: ClassVar[float] = 45.0
 
     def __init__(
         self,
@@ -77,29 +81,16 @@ class AsyncCoordinator:
         on_round: Callable[[dict[str, Any]], None] | None = None,
         on_merge: Callable[[Merged], None] | None = None,
     ) -> None:
-        self.config = config
-        self.store = store
-        self.evaluator = evaluator
-        self.train_config = train_config if train_config is not None else TrainConfig()
-        self.task_name = task_name
-        self.clock = clock
-        self.on_change = on_change or (lambda: None)
-        self.on_round = on_round or (lambda record: None)
+        super().__init__(config, initial, store=store, evaluator=evaluator,
+                         train_config=train_config, task_name=task_name, clock=clock,
+                         on_change=on_change, on_round=on_round,
+                         eval_timeout=min(config.round_timeout, 120.0))
         #: Called under the writer lock with each accepted update, in order; keep it quick.
         self.on_merge = on_merge or (lambda merged: None)
         self.policy = make_policy(config.async_policy, alpha=config.async_alpha,
                                   staleness_fn=config.staleness_fn,
                                   server_lr=config.async_server_lr)
-        self.spec: Spec = spec_of(initial)
-        #: async runs send and take the model's arrays only
-        self.update_spec: Spec = self.spec
-        self.model_extras: tuple[str, ...] = ()
-        self._lock = threading.Lock()
-        self._clients = ClientRegistry(store)
-        self.fed_eval = FedEval(clock, min(config.round_timeout, 120.0))
-        self.norm_limit = config.update_norm_limit(float_norm(initial))
         self._open: dict[str, AsyncTask] = {}  # each client's one open train task
-        self._answers: OrderedDict[str, Merged] = OrderedDict()
         self._tasks: dict[str, int] = {}  # train tasks handed to each client (seeds)
         self._staleness_sum = 0
         self._last_staleness = 0
@@ -143,29 +134,8 @@ class AsyncCoordinator:
             self.phase = "done"
 
     # -- clients ----------------------------------------------------------------
-    def register(
-        self, client_id: str, num_examples: int | None = None, *,
-        num_test_examples: int | None = None, identity: Spec | None = None,
-        task_name: str | None = None, credential: str | None = None, claim: str | None = None,
-    ) -> str:
-        """Register (or re-register, with its current ``credential``) a client; returns its
-        new credential."""
-        check_identity(self.spec, self.task_name, identity, task_name)
-        with self._lock:
-            self._clients.check_claim(client_id, credential, self.config.max_clients, claim)
-            self._clients.remember_claim(client_id, claim)
-        credential, digest = ClientRegistry.new_credential(client_id)
-        self._clients.save(client_id, digest, num_examples)
-        with self._lock:
-            self._clients.add(client_id, digest, num_examples, self.clock(),
-                              num_test_examples=num_test_examples)
-            self._maybe_start_locked()
-        self.on_change()
-        return credential
-
-    def authenticate(self, credential: str) -> str:
-        """The client id a credential belongs to; AuthError if none."""
-        return self._clients.authenticate(credential)
+    def _registered_locked(self) -> None:
+        self._maybe_start_locked()
 
     # -- tasks and model --------------------------------------------------------
     def poll(self, client_id: str) -> AsyncTask:
@@ -275,15 +245,20 @@ class AsyncCoordinator:
             merged = Merged(new.updates, client_id, version, staleness, num_examples,
                             new.version)
             if task_id is not None:
-                self._answers[key] = merged
-                while len(self._answers) > REPLAY_MEMORY:
-                    self._answers.popitem(last=False)
+                self._remember(key, merged)
             self.on_merge(merged)
             self._schedule_locked()
             if self._limit_reached_locked():
                 self._stop_locked()
         self.on_change()
         return merged
+
+    def receive_update(self, client_id: str, number: int, delta: Weights, num_examples: int,
+                       metrics: dict[str, float], task_id: str | None) -> dict[str, Any]:
+        """:meth:`submit` of a delta trained from version ``number``; the answer."""
+        merged = self.submit(client_id, number, delta, num_examples, metrics, task_id)
+        return {"accepted": True, "version": number, "update": merged.update,
+                "staleness": merged.staleness, "server_version": merged.version}
 
     def _set_state_locked(self, new: AsyncState) -> None:
         if new.version != self.state.version:
@@ -453,14 +428,6 @@ class AsyncCoordinator:
             self.on_round(record)
         return bool(ready)
 
-    def submit_evaluation(
-        self, client_id: str, key: int, metrics: dict[str, float], num_examples: int
-    ) -> None:
-        """One client's federated-evaluation answer for the evaluation filed under ``key``."""
-        with self._lock:
-            self.fed_eval.submit(client_id, key, metrics, num_examples)
-        self.on_change()
-
     # -- status -----------------------------------------------------------------
     def status(self, viewer: str | None = None) -> dict[str, Any]:
         """A JSON-able snapshot for ``GET /api/status`` (no client ids are listed)."""
@@ -491,17 +458,27 @@ class AsyncCoordinator:
         updates = self.state.updates
         return self._staleness_sum / updates if updates else 0.0
 
+    def run_length(self) -> dict[str, Any]:
+        """No rounds; the stop rule and the policy."""
+        cfg = self.config
+        return {"rounds": 0, "max_updates": cfg.max_updates, "max_seconds": cfg.max_seconds,
+                "policy": cfg.async_policy}
+
+    def summary_fields(self) -> dict[str, Any]:
+        """The policy, updates and versions, clients, mean staleness, training time."""
+        return {"policy": self.config.async_policy, "updates": self.state.updates,
+                "versions": self.state.version, "clients": len(self._clients),
+                "mean_staleness": self.mean_staleness, "training_seconds": self.seconds()}
+
+    def report_title(self) -> str:
+        """``federated async (POLICY): TASK``."""
+        return f"federated async ({self.config.async_policy}): {self.task_name}"
+
+    def resume_point(self) -> str:
+        """``update U, version V``."""
+        return f"update {self.state.updates}, version {self.state.version}"
+
     @property
     def weights(self) -> Weights:
         """The current global model (read-only arrays)."""
         return self._snapshot.weights
-
-    @property
-    def clients(self) -> ClientRegistry:
-        """The registered clients (read it under no lock only for a snapshot of ids)."""
-        return self._clients
-
-    @property
-    def done(self) -> bool:
-        """True once the stop rule fired and the last state is evaluated and saved."""
-        return self.phase == "done"

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from fedlearn.config import ServerConfig, TrainConfig, privacy_budget
 from fedlearn.errors import ConflictError, PayloadError, SecAggAbortedError
@@ -34,42 +33,36 @@ from fedlearn.rounds import (
     round_config,
 )
 from fedlearn.seeding import task_seed
-from fedlearn.server.clients import ClientRegistry, check_identity
-from fedlearn.server.fedeval import FedEval
+from fedlearn.server.coordinator_base import REPLAY_MEMORY, Coordinator, median
 from fedlearn.server.secagg_round import SecAggPlan, SecAggSettings
 from fedlearn.server.store import Store
 from fedlearn.server.sync_round import OpenRound, wire_for
 from fedlearn.server.sync_types import DONE, WAIT, Evaluator, Task, eval_record
 from fedlearn.strategies import ServerState, Strategy, Update, sample_clients
 from fedlearn.types import Weights
-from fedlearn.weights import (
-    Spec,
-    check,
-    check_delta,
-    encode,
-    float_norm,
-    pack,
-    spec_of,
-    unpack,
-)
+from fedlearn.weights import check, check_delta, encode, pack, unpack
 
-__all__ = ["DONE", "WAIT", "Evaluator", "SyncCoordinator", "Task", "eval_record"]
+__all__ = ["DONE", "REPLAY_MEMORY", "WAIT", "Evaluator", "SyncCoordinator", "Task",
+           "eval_record"]
 
 log = logging.getLogger("fedlearn.server")
 #: Seconds a sampled client has to pick up its task before another takes its place.
 PICKUP_SECONDS = 15.0
 #: Longest a resumed run waits for the clients it knew before its first round.
 RETURN_WAIT_SECONDS = 60.0
-#: Answers to updates kept for replays (a client retrying after a timeout gets the same one).
-REPLAY_MEMORY = 10_000
 
-class SyncCoordinator:
+
+class SyncCoordinator(Coordinator):
     """Runs ``config.rounds`` rounds of sampling, local training and ``strategy``.
 
     Clients get the extra arrays the strategy sends (SCAFFOLD's ``c``) with the
     model as safetensors entries ``GROUP/NAME`` (``c/fc1.weight``), and send the
     extra deltas it asks for (``delta_c/fc1.weight``) with their delta.
     """
+
+    mode: ClassVar[str] = "sync"
+    update_query: ClassVar[str] = "round"
+    _answers: OrderedDict[str, dict[str, Any]]
 
     def __init__(
         self,
@@ -85,33 +78,23 @@ class SyncCoordinator:
         on_change: Callable[[], None] | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        self.config = config
-        self.store = store
-        self.evaluator = evaluator
-        self.train_config = train_config if train_config is not None else TrainConfig()
-        self.task_name = task_name
-        self.clock = clock
-        self.on_change = on_change or (lambda: None)
-        self.on_round = on_round or (lambda record: None)
+        super().__init__(config, initial, store=store, evaluator=evaluator,
+                         train_config=train_config, task_name=task_name, clock=clock,
+                         on_change=on_change, on_round=on_round,
+                         eval_timeout=config.round_timeout)
         self.strategy = strategy
-        self.spec: Spec = spec_of(initial)
         wire = wire_for(strategy, initial)
         #: groups of arrays sent beside the model, and of deltas sent beside a delta
         self.model_extras, self.update_extras = wire.model_extras, wire.update_extras
-        self.update_spec: Spec = wire.update_spec
+        self.update_spec = wire.update_spec
         #: the fewest updates that make a round: --min-results, or more if the rule needs it
         self.min_results = max(config.min_results, strategy.min_updates)
-        self._lock = threading.Lock()
-        self._clients = ClientRegistry(store)
-        self.fed_eval = FedEval(clock, config.round_timeout)
-        self.norm_limit = config.update_norm_limit(float_norm(initial))
         #: secure aggregation (--secagg): clients send masked vectors through /api/secagg
         settings = SecAggSettings.of(config)
         self.secagg = None if settings is None else SecAggPlan(
             settings, strategy, initial, self.norm_limit, config.seed)
         if settings is not None:
             self.min_results = max(self.min_results, settings.min_clients)
-        self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.failures: list[dict[str, Any]] = list(store.get_meta("failures", []))
         self.short_rounds = 0
         self._known_before = len(self._clients)
@@ -143,36 +126,13 @@ class SyncCoordinator:
         self._model_cache: tuple[int, bytes] | None = None
 
     # -- clients ----------------------------------------------------------------
-    def register(
-        self, client_id: str, num_examples: int | None = None, *,
-        num_test_examples: int | None = None, identity: Spec | None = None,
-        task_name: str | None = None, credential: str | None = None, claim: str | None = None,
-    ) -> str:
-        """Register (or re-register) a client; returns its new credential.
-
-        ``identity`` (names, shapes, dtypes of the client's task state) must match
-        the server's, else ConflictError names the first difference. A client id
-        already registered is taken back only with its current ``credential``.
-        """
-        check_identity(self.spec, self.task_name, identity, task_name)
-        # A DP run's population is fixed at --min-clients: the accountant's N.
-        limit, flag = ((self.config.max_clients, "--max-clients") if self.budget is None else
-                       (self.config.min_clients, "--min-clients: a DP run's population is fixed, "
-                        "as its accountant assumes"))
-        with self._lock:
-            self._clients.check_claim(client_id, credential, limit, claim, flag)
-            self._clients.remember_claim(client_id, claim)
-        credential, digest = ClientRegistry.new_credential(client_id)
-        self._clients.save(client_id, digest, num_examples)
-        with self._lock:
-            self._clients.add(client_id, digest, num_examples, self.clock(),
-                              num_test_examples=num_test_examples)
-        self.on_change()
-        return credential
-
-    def authenticate(self, credential: str) -> str:
-        """The client id a credential belongs to; AuthError if none."""
-        return self._clients.authenticate(credential)
+    def client_limit(self) -> tuple[int, str]:
+        """``--max-clients``; a DP run's population is fixed at ``--min-clients``, the
+        accountant's N."""
+        if self.budget is None:
+            return super().client_limit()
+        return (self.config.min_clients, "--min-clients: a DP run's population is fixed, as "
+                "its accountant assumes")
 
     # -- polling and model ------------------------------------------------------
     def poll(self, client_id: str) -> Task:
@@ -283,12 +243,15 @@ class SyncCoordinator:
                 rnd.train_loss += float(metrics["train_loss"]) * num_examples
             complete = len(rnd.received) == len(rnd.sampled)
             answer = {"accepted": True, "round": round_number}
-            self._answers[f"{client_id}/r{rnd.number}.{rnd.attempt}.{client_id}"] = answer
-            while len(self._answers) > REPLAY_MEMORY:
-                self._answers.popitem(last=False)
+            self._remember(f"{client_id}/r{rnd.number}.{rnd.attempt}.{client_id}", answer)
         if complete:
             self.on_change()
         return answer
+
+    def receive_update(self, client_id: str, number: int, delta: Weights, num_examples: int,
+                       metrics: dict[str, float], task_id: str | None) -> dict[str, Any]:
+        """:meth:`submit` for round ``number``."""
+        return self.submit(client_id, number, delta, num_examples, metrics, task_id)
 
     def precheck(self, client_id: str, round_number: int, task_id: str | None) -> None:
         """Refuse an update that cannot be taken before its body is read (409)."""
@@ -390,15 +353,6 @@ class SyncCoordinator:
             raise
         return fields
 
-    def submit_evaluation(
-        self, client_id: str, key: int, metrics: dict[str, float], num_examples: int
-    ) -> None:
-        """One client's federated-evaluation answer for round ``key``'s model."""
-        with self._lock:
-            self.fed_eval.submit(client_id, key, metrics, num_examples)
-        self.on_change()
-
-    # -- the driver -------------------------------------------------------------
     def seconds_to_deadline(self) -> float | None:
         """Seconds until the next deadline: the open round's or an evaluation's (or None)."""
         with self._lock:
@@ -682,18 +636,28 @@ class SyncCoordinator:
                 out["you"] = mine
             return out
 
+    def run_length(self) -> dict[str, Any]:
+        """``{"rounds": R}``."""
+        return {"rounds": self.config.rounds}
+
+    def summary_fields(self) -> dict[str, Any]:
+        """The strategy, the rounds run, the most clients in one, the median round time."""
+        history = self.history
+        return {"strategy": self.config.strategy, "rounds": len(history),
+                "clients": max((h.get("clients", 0) for h in history), default=0),
+                "median_round_seconds": median([h["seconds"] for h in history[1:]
+                                                if h.get("seconds")])}
+
+    def report_title(self) -> str:
+        """``federated (STRATEGY): TASK``."""
+        return f"federated ({self.config.strategy}): {self.task_name}"
+
+    def resume_point(self) -> str:
+        """``round N``."""
+        return f"round {self.state.version}"
+
     @property
     def weights(self) -> Weights:
         """The current global model."""
         with self._lock:
             return self.state.weights
-
-    @property
-    def clients(self) -> ClientRegistry:
-        """The registered clients (read it under no lock only for a snapshot of ids)."""
-        return self._clients
-
-    @property
-    def done(self) -> bool:
-        """True once every round has run."""
-        return self.phase == "done"

@@ -32,7 +32,7 @@ from fedlearn.tasks.base import Task
 from fedlearn.weights import spec_nbytes
 
 if TYPE_CHECKING:
-    from fedlearn.server.async_coordinator import AsyncCoordinator
+    from fedlearn.server.coordinator_base import Coordinator
     from fedlearn.strategies import Strategy
 
 log = logging.getLogger("fedlearn.server")
@@ -41,7 +41,6 @@ TOKEN_FILE = "join-token"
 ENDPOINT_FILE = "server.json"
 DONE_GRACE_SECONDS = 15.0
 RESUMED_DONE_SECONDS = 60.0
-ASYNC_GRACE_SECONDS = 45.0
 
 
 @dataclass(frozen=True)
@@ -180,7 +179,7 @@ def serve(
         if on_round is not None:
             on_round(record)
 
-    coordinator: SyncCoordinator | AsyncCoordinator
+    coordinator: Coordinator
     if strategy is None:
         coordinator = AsyncCoordinator(config, initial, store=store, evaluator=evaluator,
                                        train_config=train_config, task_name=task.name,
@@ -205,13 +204,9 @@ def serve(
     def finish() -> None:
         if finished_before:
             return  # a finished run keeps its summary; the server only says "done"
-        if isinstance(coordinator, AsyncCoordinator):
-            # A final fedbuff flush may have replaced the last row; the database is the truth.
-            run.rewrite_metrics(coordinator.history)
-            save_async_outputs(run, config, coordinator, started, task.name)
-        else:
-            save_outputs(run, config, coordinator.weights, coordinator.history, started,
-                         task.name)
+        # The database is the truth (a final fedbuff flush may have replaced the last row).
+        run.rewrite_metrics(coordinator.history)
+        save_outputs(run, coordinator, started)
 
     limit = config.max_update_bytes(spec_nbytes(coordinator.update_spec))
     allowed = read_clients_file(Path(config.clients_file)) if config.clients_file else None
@@ -244,13 +239,9 @@ def serve(
         announce(f"join token: {token}")
     else:  # never into a log file
         announce(f"join token in {run.path / TOKEN_FILE} (mode 600)")
+    where = f"resuming after {coordinator.resume_point()}" if resumed else "new run"
     if config.mode == "async":
-        where = (f"resuming after update {coordinator.state.updates}, version "
-                 f"{coordinator.state.version}" if isinstance(coordinator, AsyncCoordinator)
-                 and resumed else "new run")
         where += f", async {config.async_policy}"
-    else:
-        where = "resuming after round " + str(coordinator.state.version) if resumed else "new run"
     if finished_before:
         where = "finished already: answering 'done' to returning clients for a while"
     announce(f"run directory {run.path} ({where}); waiting for {config.min_clients} clients")
@@ -308,7 +299,7 @@ def run_loop(main: Callable[[], Any]) -> None:
         raise failure[0]
 
 
-async def _grace(app: Any, coordinator: Any, finished_before: bool = False) -> None:
+async def _grace(app: Any, coordinator: Coordinator, finished_before: bool = False) -> None:
     """Give online clients a moment to hear 'done' before the server goes away.
 
     In async mode clients are mid-training when the run stops; each hears
@@ -316,8 +307,8 @@ async def _grace(app: Any, coordinator: Any, finished_before: bool = False) -> N
     A server resumed after its last round waits for every registered client
     (they come back after the restart) up to :data:`RESUMED_DONE_SECONDS`.
     """
-    extra = ASYNC_GRACE_SECONDS if coordinator.config.mode == "async" else 0.0
-    wait = RESUMED_DONE_SECONDS if finished_before else DONE_GRACE_SECONDS + extra
+    wait = (RESUMED_DONE_SECONDS if finished_before
+            else DONE_GRACE_SECONDS + coordinator.done_grace_seconds)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         expected = (coordinator.clients.ids() if finished_before
@@ -383,57 +374,20 @@ def lock_run(path: Path) -> Any:
     return fh
 
 
-def save_outputs(
-    run: RunDir, config: ServerConfig, weights: Any, history: list[dict[str, Any]],
-    started: float, task_name: str = "",
-) -> None:
+def save_outputs(run: RunDir, coordinator: Coordinator, started: float) -> None:
     """Write model.safetensors, summary.json and report.png at the end of a run."""
-    run.save_model(weights)
-    run.write_summary({
-        "mode": config.mode,
-        "task": task_name,
-        "dataset": config.dataset,
-        "model": config.model,
-        "strategy": config.strategy,
-        "rounds": len(history),
-        "clients": max((h.get("clients", 0) for h in history), default=0),
-        **final_metrics(history),
-        "wall_seconds": time.perf_counter() - started,
-        "median_round_seconds": _median([h["seconds"] for h in history[1:] if h.get("seconds")]),
-    })
-    run.write_report(f"federated ({config.strategy}): {task_name}")
-
-
-def save_async_outputs(
-    run: RunDir, config: ServerConfig, coordinator: AsyncCoordinator, started: float,
-    task_name: str = "",
-) -> None:
-    """model.safetensors, summary.json and report.png at the end of an async run."""
+    config = coordinator.config
     run.save_model(coordinator.weights)
-    history = coordinator.history
     run.write_summary({
-        "mode": "async",
-        "policy": config.async_policy,
-        "task": task_name,
+        "mode": coordinator.mode,
+        "task": coordinator.task_name,
         "dataset": config.dataset,
         "model": config.model,
-        "updates": coordinator.state.updates,
-        "versions": coordinator.state.version,
-        "clients": coordinator.status()["registered"],
-        **final_metrics(history),
-        "mean_staleness": coordinator.mean_staleness,
-        "training_seconds": coordinator.seconds(),
+        **coordinator.summary_fields(),
+        **final_metrics(coordinator.history),
         "wall_seconds": time.perf_counter() - started,
     })
-    run.write_report(f"federated async ({config.async_policy}): {task_name}")
-
-
-def _median(xs: list[float]) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    mid = len(s) // 2
-    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+    run.write_report(coordinator.report_title())
 
 
 def _bind(host: str, port: int) -> socket.socket:

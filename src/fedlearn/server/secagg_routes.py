@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
-from fedlearn.server.coordinator import SyncCoordinator
+from fedlearn.server.coordinator_base import Coordinator
 from fedlearn.server.secagg_round import FETCHES, POSTS
 from fedlearn.server.wire import ERRORS, MAX_EXAMPLES, read_body
 
@@ -43,7 +43,7 @@ _WHAT = {
 }
 
 
-def add_secagg_routes(app: FastAPI, coordinator: SyncCoordinator, *, wake: Callable[[], Any],
+def add_secagg_routes(app: FastAPI, coordinator: Coordinator, *, wake: Callable[[], Any],
                       client_auth: Callable[..., str]) -> None:
     """Add the secure aggregation routes for ``coordinator`` to ``app``.
 
