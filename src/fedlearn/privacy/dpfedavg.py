@@ -29,6 +29,7 @@ Pure numpy: no torch, no I/O.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -83,7 +84,13 @@ class DPFedAvg:
                               f"{self.expected_clients}.")
         if self.seed < 0:
             raise ConfigError(f"the DP noise seed must be 0 or more, got {self.seed}.")
-        self.update_noise_multiplier()  # checks z against σ_b for adaptive clipping
+        sigma_b = self.count_stddev
+        if sigma_b is not None and self.noise_multiplier >= 2 * sigma_b:
+            raise ConfigError(
+                f"adaptive clipping with --dp-noise-multiplier {self.noise_multiplier:g} "
+                f"needs more than {10 * self.noise_multiplier:g} clients a round (the noise on "
+                f"its count, clients/20, is {sigma_b:g} here); sample more clients a round, "
+                "lower the noise multiplier or give a fixed --dp-clip C.")
 
     @property
     def count_stddev(self) -> float | None:
@@ -155,6 +162,11 @@ class DPFedAvg:
         return mean, nxt
 
 
+@functools.lru_cache(maxsize=4096)
+def _epsilon(budget: PrivacyBudget, rounds: int) -> float:
+    return float(budget._accountant().epsilon(rounds))
+
+
 def parse_dp_clip(spec: str) -> tuple[float | None, AdaptiveClip | None]:
     """``"C"`` (fixed) or ``"adaptive:QUANTILE[:INITIAL]"`` to (clip, adaptive)."""
     text = spec.strip()
@@ -214,12 +226,13 @@ class PrivacyBudget:
                           num_clients=self.num_clients)
 
     def epsilon(self, rounds: int) -> float:
-        """ε after ``rounds`` released rounds (0 for none; inf without noise)."""
+        """ε after ``rounds`` released rounds (0 for none; inf without noise); remembered,
+        as every round's record and every status request asks again."""
         if rounds <= 0:
             return 0.0
         if self.noise_multiplier == 0:
             return math.inf
-        return float(self._accountant().epsilon(rounds))
+        return _epsilon(self, rounds)
 
     def allows(self, rounds: int) -> bool:
         """True when ``rounds`` rounds stay within ``target_epsilon`` (always, without one)."""
