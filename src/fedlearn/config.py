@@ -189,7 +189,31 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class ServerConfig:
+class AggregationSettings:
+    """How a round's updates become the next model: the strategy and its options, and
+    user-level DP-FedAvg. :class:`ServerConfig` and the simulator's
+    :class:`~fedlearn.sim.SimConfig` both are one, so a strategy or DP setting means
+    the same everywhere (:func:`build_strategy`, :func:`private_mean`,
+    :func:`privacy_budget` read these fields).
+    """
+
+    strategy: str = "fedavg"
+    server_lr: float | None = None
+    server_momentum: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    tau: float | None = None
+    prox_mu: float | None = None
+    clip_norm: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_clip: str | None = None
+    dp_clip_on: str | None = None  # server; client under --secagg
+    dp_delta: float | None = None
+    dp_target_epsilon: float | None = None
+
+
+@dataclass(frozen=True)
+class ServerConfig(AggregationSettings):
     """What a federated run is: saved in ``config.toml`` and reused on ``--resume``.
 
     ``mode`` "sync" runs ``rounds`` rounds; "async" merges updates as they arrive
@@ -208,14 +232,6 @@ class ServerConfig:
     fraction: float = 1.0
     min_results: int = 1
     round_timeout: float = 600.0
-    strategy: str = "fedavg"
-    server_lr: float | None = None
-    server_momentum: float | None = None
-    beta1: float | None = None
-    beta2: float | None = None
-    tau: float | None = None
-    prox_mu: float | None = None
-    clip_norm: float | None = None
     seed: int = 0
     save_every: int = 1
     max_update_mb: float | None = None
@@ -231,11 +247,6 @@ class ServerConfig:
     max_updates: int | None = None
     max_seconds: float | None = None
     eval_every: int = 1
-    dp_noise_multiplier: float | None = None
-    dp_clip: str | None = None
-    dp_clip_on: str | None = None  # server; client under --secagg
-    dp_delta: float | None = None
-    dp_target_epsilon: float | None = None
     secagg: bool = False
     secagg_threshold: int | None = None
     secagg_bits: int | None = None
@@ -381,7 +392,7 @@ class ServerConfig:
         return int(model_bytes * 1.25) + 64 * 1024
 
 
-def refuse_strategy_flags(config: Any, instead: str) -> None:
+def refuse_strategy_flags(config: AggregationSettings, instead: str) -> None:
     """Raise ConfigError naming the strategy flags an async run was given (``instead``
     says how async runs merge)."""
     tuned = [o for o in STRATEGY_OPTIONS if o != "server_lr" and getattr(config, o) is not None]
@@ -391,7 +402,7 @@ def refuse_strategy_flags(config: Any, instead: str) -> None:
         raise ConfigError(f"{given} applies to --mode sync; {instead}.")
 
 
-def build_strategy(config: Any) -> Strategy:
+def build_strategy(config: AggregationSettings) -> Strategy:
     """The :class:`~fedlearn.strategies.Strategy` a run's settings name.
 
     ``config`` is a :class:`ServerConfig` or a simulator config: its
@@ -467,7 +478,7 @@ def privacy_budget(config: Any, sampling: str) -> Any:
                          target_epsilon=config.dp_target_epsilon)
 
 
-def check_strategy(config: Any) -> None:
+def check_strategy(config: AggregationSettings) -> None:
     """Raise ConfigError unless ``config``'s strategy spec and options make a strategy."""
     if not str(config.strategy).startswith(OBJECT_PREFIX):
         build_strategy(config)

@@ -6,7 +6,13 @@ import math
 from dataclasses import dataclass, field
 
 from fedlearn.attacks import check_attack_config
-from fedlearn.config import OBJECT_PREFIX, TrainConfig, build_strategy, privacy_budget
+from fedlearn.config import (
+    OBJECT_PREFIX,
+    AggregationSettings,
+    TrainConfig,
+    build_strategy,
+    privacy_budget,
+)
 from fedlearn.data import parse_partition
 from fedlearn.errors import ConfigError, PartitionError
 from fedlearn.privacy.dpsgd import DEFAULT_DELTA, parse_dp_sgd
@@ -17,8 +23,9 @@ from fedlearn.strategies import Strategy
 
 
 @dataclass(frozen=True)
-class SimConfig:
-    """What a simulated run is: N clients, K of them sampled per round, R rounds."""
+class SimConfig(AggregationSettings):
+    """What a simulated run is: N clients, K of them sampled per round, R rounds (and how
+    its rounds aggregate: the fields of :class:`~fedlearn.config.AggregationSettings`)."""
 
     clients: int = 100
     per_round: int = 10
@@ -33,25 +40,12 @@ class SimConfig:
     test_fraction: float = 0.0
     eval_every: int = 1
     eval_fraction: float | None = None
-    strategy: str = "fedavg"
-    server_lr: float | None = None
-    server_momentum: float | None = None
-    beta1: float | None = None
-    beta2: float | None = None
-    tau: float | None = None
-    prox_mu: float | None = None
-    clip_norm: float | None = None
     attack: str = ""
     attackers: float | None = None
     seed: int = 0
     max_parallel: int | None = None
     precision: str = "fp32"
     dp_sgd: str | None = None
-    dp_delta: float | None = None
-    dp_noise_multiplier: float | None = None
-    dp_clip: str | None = None
-    dp_clip_on: str = "server"
-    dp_target_epsilon: float | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     # Where the engines run (sim/ray_backend.py); none of these change the model.
     backend: str = "local"
