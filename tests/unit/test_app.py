@@ -467,6 +467,37 @@ def test_the_driver_closes_a_round_at_its_deadline(tmp_path: Path, stores: list[
     assert (record["clients"], record["sampled"]) == (1, 1)
 
 
+def test_a_withdrawn_task_closes_the_round_without_its_update(
+        tmp_path: Path, stores: list[Store]) -> None:
+    app, coord = build(tmp_path, stores, rounds=1, round_timeout=60.0, min_results=1)
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            cred = {cid: await register(client, cid) for cid in ("a", "b")}
+            tasks = {cid: (await client.get("/api/task", params={"wait": 5},
+                                            headers=bearer(c))).json() for cid, c in cred.items()}
+            assert all(t["action"] == "train" for t in tasks.values())
+            response = await client.post("/api/withdraw", params={"task_id": "r1.0.b"})
+            one_sentence(response, 401)
+            response = await client.post("/api/withdraw", params={"task_id": "r1.0.a"},
+                                         headers=bearer(cred["b"]))
+            assert "not this client's open task" in one_sentence(response, 409)
+            response = await client.post("/api/withdraw", headers=bearer(cred["b"]),
+                                         params={"task_id": tasks["b"]["task_id"],
+                                                 "reason": "NaN in the update"})
+            assert response.json() == {"withdrawn": True, "task_id": tasks["b"]["task_id"]}
+            response = await post_update(client, cred["a"], encode(vec(2, 2)), round=1,
+                                         num_examples=1)
+            assert response.status_code == 200
+            response = await client.get("/api/task", params={"wait": 10},
+                                        headers=bearer(cred["a"]))
+            assert response.json() == {"action": "done"}  # long before the 60 s deadline
+
+    run(scenario)
+    record = coord.history[0]
+    assert (record["clients"], record["sampled"], record["withdrawn"]) == (1, 2, 1)
+
+
 def test_credentials_survive_a_restart(tmp_path: Path, stores: list[Store]) -> None:
     first, _ = build(tmp_path, stores)
     creds: dict[str, str] = {}

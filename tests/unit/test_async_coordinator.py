@@ -95,6 +95,19 @@ def test_waits_for_min_clients_then_hands_out_train_at_once(
     assert WAIT.to_json() == {"action": "wait"} and DONE.to_json() == {"action": "done"}
 
 
+def test_a_withdrawn_task_is_replaced_by_a_new_one(tmp_path: Path, stores: list[Store]) -> None:
+    h = Harness(tmp_path, stores)
+    h.start("a", "b")
+    first = h.coord.poll("a")
+    with pytest.raises(ConflictError, match="not this client's open task"):
+        h.coord.withdraw("a", "u9.a")
+    h.coord.withdraw("a", first.task_id, "its update failed its checks")
+    second = h.coord.poll("a")
+    assert second.task_id == "u2.a" and second.seed != first.seed
+    with pytest.raises(ConflictError):
+        h.coord.submit("a", 0, vec(1, 1), 1, task_id=first.task_id)  # given up
+
+
 # -- merging ----------------------------------------------------------------------------
 
 

@@ -179,6 +179,8 @@ def test_the_worker_refuses_to_send_an_update_that_fails_its_own_checks() -> Non
     fake = MaskingFakeServer([masked, Task("wait")])
     summary, lines, _ = run(fake)
     assert fake.stage_calls == [] and not fake.updates  # nothing left the client
+    # ... but it told the server, so the round does not wait for it until its deadline.
+    assert [t for t, _ in fake.withdrawn] == [task.task_id]
     assert summary.rounds_trained == 0 and summary.updates_refused == 1
     assert any("fails this client's own checks" in line and "--max-update-norm" in line
                for line in lines), lines

@@ -116,6 +116,7 @@ class FakeServer:
         config: dict[str, Any] | None = None,
     ) -> None:
         self.tasks = list(tasks)
+        self.withdrawn: list[tuple[str, str]] = []
         self.advance = advance
         self.dataset = dataset
         self.task_name = task_name
@@ -168,6 +169,10 @@ class FakeServer:
         if self.advance:
             self.weights = {k: self.weights[k] + delta[k] for k in delta}
             self.version += 1
+
+    def withdraw(self, task_id: str, reason: str = "") -> None:
+        self._enter("withdraw")
+        self.withdrawn.append((task_id, reason))
 
     def submit_evaluation(
         self, round: int, metrics: Mapping[str, float], num_examples: int

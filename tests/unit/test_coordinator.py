@@ -272,6 +272,32 @@ def test_timeout_drops_silent_client_and_aggregates_what_arrived(
     assert h.coord.status()["active"] == 3
 
 
+def test_a_client_that_withdraws_is_not_waited_for(tmp_path: Path, stores: list[Store]) -> None:
+    """A client whose update will not come (its own checks refused it) withdraws its task:
+    the round closes as soon as the others have sent, not at the deadline."""
+    h = Harness(tmp_path, stores, min_clients=3, min_results=2)
+    h.register("a", "b", "c")
+    h.coord.step()
+    for cid in "abc":
+        assert h.coord.poll(cid).action == "train"
+    with pytest.raises(ConflictError, match="not this client's open task"):
+        h.coord.withdraw("c", "r1.0.a")  # another client's task
+    h.coord.submit("a", 1, vec(2, 2), 1)
+    with pytest.raises(ConflictError, match="can no longer withdraw"):
+        h.coord.withdraw("a", "r1.0.a")  # it took part already
+    h.coord.withdraw("c", "r1.0.c", "NaN in its update")
+    h.coord.withdraw("c", "r1.0.c")  # a retry changes nothing
+    assert h.coord.poll("c") == WAIT
+    h.coord.submit("b", 1, vec(4, 4), 1)
+    assert h.coord.step() is True  # no clock movement: the round is complete
+    record = h.coord.history[0]
+    assert (record["clients"], record["sampled"], record["withdrawn"]) == (2, 3, 1)
+    assert record["seconds"] == pytest.approx(0.0)
+    assert global_w(h.coord) == [4.0, 2.0]
+    assert not h.coord.clients["c"].dropped  # it is sampled again next round
+    assert h.coord.poll("c").action in ("train", "wait")
+
+
 def test_too_few_results_runs_the_round_again(tmp_path: Path, stores: list[Store]) -> None:
     h = Harness(tmp_path, stores, min_clients=3, min_results=2)
     h.register("a", "b", "c")

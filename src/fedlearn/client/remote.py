@@ -412,6 +412,11 @@ class RemoteServer:
         """
         self._post_update({"round": str(int(round))}, delta, num_examples, metrics, task_id)
 
+    def withdraw(self, task_id: str, reason: str = "") -> None:
+        """``POST /api/withdraw``: give up train task ``task_id`` (no update will come)."""
+        self._request("POST", "/api/withdraw", bearer=self._bearer(),
+                      params={"task_id": task_id, "reason": reason[:300]})
+
     def submit_evaluation(
         self, round: int, metrics: Mapping[str, float], num_examples: int
     ) -> None:

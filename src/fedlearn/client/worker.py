@@ -35,6 +35,7 @@ from fedlearn.errors import (
     AuthError,
     ConfigError,
     ConflictError,
+    FedlearnError,
     PayloadError,
     RemoteError,
     SecAggAbortedError,
@@ -81,6 +82,10 @@ class Remote(Protocol):
         self, round: int, metrics: Mapping[str, float], num_examples: int
     ) -> None:
         """Send a federated-evaluation answer for the evaluation ``round``."""
+        ...
+
+    def withdraw(self, task_id: str, reason: str = "") -> None:
+        """Give up train task ``task_id``: no update will come for it."""
         ...
 
     def push_update(
@@ -539,6 +544,7 @@ class _Worker:
             self.log(f"{line}; update refused: {exc}")
             return
         except PayloadRefused as exc:
+            self.withdraw(task, f"update refused: {exc}")
             if not self.attackers.active:
                 raise
             self.refused += 1  # the server's checks caught the attack: that is their job
@@ -548,6 +554,16 @@ class _Worker:
         self.trained += 1
         self.log(line)
 
+
+    def withdraw(self, task: Task, reason: str) -> None:
+        """Tell the server no update will come for ``task``, so its round does not wait for
+        one (one try: a server that does not hear it waits until the round's deadline)."""
+        if not task.task_id:
+            return
+        try:
+            self.remote.withdraw(task.task_id, reason)
+        except FedlearnError as exc:
+            self.log(f"round {task.round}: could not withdraw from the round ({exc})")
 
     def send_masked(self, task: Task, weights: Weights, result: ClientResult,
                     line: str) -> None:
@@ -562,6 +578,7 @@ class _Worker:
             self.refused += 1
             self.refused_task = task.task_id  # not trained and refused again this round
             self.log(f"{line}; update not sent, it fails this client's own checks: {exc}")
+            self.withdraw(task, "its update fails the client's own checks")
             return
         pause = self.config.pause_after_masked
 

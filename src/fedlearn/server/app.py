@@ -349,6 +349,18 @@ def create_app(
             coordinator.receive_update, client_id, number, delta, num_examples, values, task_id
         )
 
+    @app.post("/api/withdraw", responses=ERRORS)
+    async def withdraw(
+        client_id: Annotated[str, Depends(client_auth)],
+        task_id: Annotated[str, Query(max_length=300, description="the train task given up")],
+        reason: Annotated[str, Query(max_length=300, description="why, for the server's "
+                                     "log")] = "",
+    ) -> dict[str, Any]:
+        """Give up an open train task (the client will send no update for it, e.g. its own
+        checks refused the update): the round stops waiting for this client."""
+        await run_in_threadpool(coordinator.withdraw, client_id, task_id, reason)
+        return {"withdrawn": True, "task_id": task_id}
+
     @app.post("/api/evaluate", responses=ERRORS)
     async def evaluate(
         client_id: Annotated[str, Depends(client_auth)],

@@ -260,6 +260,18 @@ class AsyncCoordinator(Coordinator):
         return {"accepted": True, "version": number, "update": merged.update,
                 "staleness": merged.staleness, "server_version": merged.version}
 
+    def withdraw(self, client_id: str, task_id: str, reason: str = "") -> None:
+        """The client gives up its open task (its next poll gets a new one)."""
+        with self._lock:
+            open_task = self._open.get(client_id)
+            if open_task is None or open_task.task_id != task_id:
+                raise ConflictError(f"task {task_id} is not this client's open task; fetch a "
+                                    "new task.")
+            del self._open[client_id]
+        log.info("client %s withdrew task %s%s", client_id, task_id,
+                 f" ({reason})" if reason else "")
+        self.on_change()
+
     def _set_state_locked(self, new: AsyncState) -> None:
         if new.version != self.state.version:
             self._snapshot = Snapshot(new.version, new.weights)

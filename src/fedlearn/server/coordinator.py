@@ -268,6 +268,27 @@ class SyncCoordinator(Coordinator):
                 raise ConflictError(f"client {client_id} was not sampled for round "
                                     f"{round_number}; wait for a task.")
 
+    def withdraw(self, client_id: str, task_id: str, reason: str = "") -> None:
+        """The client gives up its task in the open round: the round stops waiting for it
+        (under ``--secagg`` only while the round still trains)."""
+        with self._lock:
+            rnd = self._round
+            if (rnd is None or self._closing
+                    or task_id != f"r{rnd.number}.{rnd.attempt}.{client_id}"):
+                raise ConflictError(f"task {task_id} is not this client's open task; fetch a "
+                                    "new task.")
+            if client_id in rnd.received or (rnd.secagg is not None
+                                             and not rnd.secagg.training_open):
+                raise ConflictError(f"client {client_id} already took part in round "
+                                    f"{rnd.number}; it can no longer withdraw.")
+            if client_id not in rnd.sampled:
+                return  # withdrawn already
+            rnd.sampled = rnd.sampled - {client_id}
+            rnd.withdrawn.add(client_id)
+        log.warning("round %d: client %s withdrew%s", rnd.number, client_id,
+                    f" ({reason})" if reason else "")
+        self.on_change()
+
     def _refuse_plain_update(self) -> None:
         if self.secagg is not None:
             raise ConflictError("this run uses secure aggregation: send the masked update "
@@ -490,7 +511,8 @@ class SyncCoordinator(Coordinator):
             "round": rnd.number,
             "seconds": self.clock() - rnd.started,
             "clients": len(rnd.received),
-            "sampled": len(rnd.sampled),
+            "sampled": len(rnd.sampled) + len(rnd.withdrawn),
+            **({"withdrawn": len(rnd.withdrawn)} if rnd.withdrawn else {}),
             "examples": examples,
             "attempts": rnd.attempt + 1,
             "train_loss": rnd.train_loss / examples if examples else None,

@@ -163,6 +163,12 @@ class Coordinator:
         """Take one update whose base is ``number`` (:attr:`update_query`); the answer."""
         raise NotImplementedError
 
+    def withdraw(self, client_id: str, task_id: str, reason: str = "") -> None:
+        """The client gives up its open train task ``task_id`` (it will send no update, e.g.
+        its own checks refused it): nothing waits for it. ConflictError when ``task_id`` is
+        not the client's open task."""
+        raise NotImplementedError
+
     def secagg_post(self, client_id: str, task_id: str, name: str, body: bytes,
                     num_examples: int | None = None) -> dict[str, Any]:
         """A client's message for a stage of secure aggregation (runs under ``--secagg``)."""

@@ -39,6 +39,7 @@ class OpenRound:
     received: dict[str, int] = field(default_factory=dict)
     train_loss: float = 0.0
     picked: set[str] = field(default_factory=set)  # sampled clients that took their task
+    withdrawn: set[str] = field(default_factory=set)  # sampled, then gave their task up
     #: under --secagg: the stages after training (``received`` then means "advertised keys")
     secagg: SecAggRound | None = None
 
