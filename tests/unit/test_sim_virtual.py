@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,46 @@ def test_a_round_nobody_finishes_in_time_keeps_the_model(tmp_path: Path) -> None
     assert all(np.array_equal(got[k], start[k]) for k in start)
 
 
+def test_dp_fedavg_with_a_deadline_is_the_private_mean_of_the_clients_in_time(
+        tmp_path: Path) -> None:
+    """Poisson sampling as the accountant assumes, then the deadline drops the slow sampled
+    clients: the private mean of those in time (fixed denominator qN), every round accounted
+    (a round nobody finished is the noise alone, and is released too)."""
+    from fedlearn.config import build_strategy, privacy_budget
+    from fedlearn.strategies import Update, poisson_sample
+
+    speeds = speeds_file(tmp_path, [1.0, 1.0, 0.1, 1.0, 1.0, 0.1])
+    cfg = config(mode="sync", clients=6, per_round=3, rounds=3, client_speeds=speeds,
+                 round_timeout=20.0, dp_noise_multiplier=0.8, dp_clip="0.5", engine="sequential")
+    summary, run = simulate(tmp_path, cfg)
+    rows = run.read_metrics()
+    budget = privacy_budget(cfg, "poisson")
+    assert [r["dp_epsilon"] for r in rows] == pytest.approx([budget.epsilon(r) for r in (1, 2, 3)])
+    assert summary["final_dp_epsilon"] == pytest.approx(budget.epsilon(3))
+    _, run2 = simulate(tmp_path, cfg, "again")  # reproducible
+    first = load_model_file(run.path / "model.safetensors")
+    assert all(np.array_equal(first[k], v) for k, v in
+               load_model_file(run2.path / "model.safetensors").items())
+    # Round 1 by hand: the Poisson sample, minus clients 2 and 5 (80 virtual s each).
+    _, run1 = simulate(tmp_path, dataclasses.replace(cfg, rounds=1), "one")
+    ids = [f"client-{i}" for i in range(6)]
+    sampled = poisson_sample(ids, 0.5, seed=4, round_number=1)
+    made = [c for c in sampled if c not in ("client-2", "client-5")]
+    (row,) = run1.read_metrics()
+    assert row["sampled"] == len(sampled) and row["clients"] == len(made)
+    assert row["dropped"] == len(sampled) - len(made) >= 1 and made
+    parts = dict(zip(ids, shards(6), strict=True))
+    model = build_model("mlp", (1, 4, 4), 3, seed=None)
+    start = initial_state(toy_task(), 4)
+    updates = [Update(local_update(model, start, parts[c], SGD, seed=task_seed(4, 1, c)).delta,
+                      1, {}, c) for c in made]
+    strategy = build_strategy(cfg)
+    want = strategy.aggregate(strategy.init(start), updates, num_clients=6).weights
+    got = load_model_file(run1.path / "model.safetensors")
+    for k in start:
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-5, err_msg=k)
+
+
 def test_sync_max_virtual_time_runs_only_rounds_that_end_in_time(tmp_path: Path) -> None:
     summary, run = simulate(tmp_path, config(mode="sync", clients=4, per_round=2, rounds=50,
                                              max_virtual_time=25.0))
@@ -289,7 +330,7 @@ def test_staleness_summary() -> None:
     ({"updates": 5, "prox_mu": 0.1}, "--prox-mu applies to --mode sync"),
     ({"updates": 5, "client_speeds": "lognormal:x"}, "--client-speeds"),
     ({"updates": 5, "dp_noise_multiplier": 1.0, "dp_clip": "1.0"},
-     "--dp-noise-multiplier (DP-FedAvg) does not run in simulated time"),
+     "private mean of a sync round's updates; drop --mode async"),
     ({"updates": 5, "max_virtual_time": -1.0}, "--max-virtual-time"),
     ({"mode": "sync", "updates": 5}, "--updates applies to --mode async"),
     ({"mode": "sync", "concurrency": 2}, "--concurrency applies to --mode async"),

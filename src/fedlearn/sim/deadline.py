@@ -114,7 +114,7 @@ class TimedSimulation(Simulation):
         """Round ``rnd`` in virtual time; its record adds ``virtual_time`` (when the round
         closed), ``round_virtual_seconds``, ``sampled`` and ``dropped``."""
         timing = self.plan(rnd)
-        if timing.made:
+        if timing.made or self.budget is not None:  # a private round is released anyway
             record = super().run_round(rnd)
         else:
             record = self._empty_round(rnd)

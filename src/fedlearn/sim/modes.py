@@ -27,10 +27,9 @@ def check_modes(cfg: SimConfig) -> None:
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown --mode {cfg.mode!r}; choose sync or async.")
     client_speeds(cfg.client_speeds, cfg.clients, cfg.seed)
-    if cfg.virtual and cfg.dp_noise_multiplier is not None:
-        raise ConfigError("--dp-noise-multiplier (DP-FedAvg) does not run in simulated time "
-                          "yet; drop --mode async, --round-timeout, --client-speeds and "
-                          "--max-virtual-time, or the DP flags.")
+    if cfg.mode == "async" and cfg.dp_noise_multiplier is not None:
+        raise ConfigError("--dp-noise-multiplier (DP-FedAvg) is a private mean of a sync "
+                          "round's updates; drop --mode async or the DP flags.")
     if cfg.max_virtual_time is not None and not (
             cfg.max_virtual_time > 0 and math.isfinite(cfg.max_virtual_time)):
         raise ConfigError(f"--max-virtual-time must be a positive number, got "
