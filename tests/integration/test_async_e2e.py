@@ -15,7 +15,9 @@ from tests.integration.procs import Procs, endpoint, metrics, wait_until
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("policy", ["samples", "fedasync", "fedbuff:3"])
+# samples and fedasync differ only in the merge weight (unit-tested by hand); fedbuff
+# also changes when the model moves.
+@pytest.mark.parametrize("policy", ["fedasync", "fedbuff:3"])
 def test_run_async_on_digits(tmp_path: Path, policy: str) -> None:
     out = tmp_path / "run"
     res = run_cli(["run", "--mode", "async", "--async-policy", policy, "--dataset", "digits",

@@ -87,8 +87,10 @@ def test_robust_rule_under_fedprox_over_http(tmp_path: Path) -> None:
 DP = ["--dp-noise-multiplier", "0.7", "--dp-clip", "1.0"]
 
 
-@pytest.mark.parametrize(("spec", "extra"), [("fedadam", []), ("scaffold", []),
-                                             ("fedavgm", DP)], ids=["fedadam", "scaffold", "dp"])
+# FedAdam under DP-FedAvg: one kill -9 checks the optimizer's moments and step, the DP
+# noise (drawn from the seed and round) and the accountant's ε all come back exactly.
+@pytest.mark.parametrize(("spec", "extra"), [("fedadam", DP), ("scaffold", [])],
+                         ids=["fedadam-dp", "scaffold"])
 def test_kill9_and_resume_reach_the_uninterrupted_model(tmp_path: Path, procs: Procs,
                                                         spec: str, extra: list[str]) -> None:
     rounds, seed = 4, 3

@@ -430,10 +430,13 @@ def _follow(
                     reported.add(n)
                     console.print(f"{n} exited with code {p.returncode}; the server "
                                   "carries on without it", style="yellow")
-            if all(p.poll() is not None for n, p in procs.items() if n != "server"):
-                # Clients leave when told the run is over; the server follows shortly.
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    server.wait(timeout=30)
+            clients = [p for n, p in procs.items() if n != "server"]
+            if all(p.poll() is not None for p in clients):
+                # Clients leave (code 0) when told the run is over; the server follows
+                # shortly. When every one of them failed instead, nothing will finish it.
+                if any(p.returncode == 0 for p in clients):
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        server.wait(timeout=30)
                 if server.poll() is not None:
                     continue
                 raise ProcessFailed(
