@@ -22,6 +22,8 @@ CHECKS = [
      {"fastapi", "starlette", "uvicorn", "httpx", "torch", "fedlearn.cli"}),
     ("fedlearn.server.async_coordinator",
      {"fastapi", "starlette", "uvicorn", "httpx", "torch", "fedlearn.cli"}),
+    ("fedlearn.server.sync_secagg",
+     {"fastapi", "starlette", "uvicorn", "httpx", "torch", "fedlearn.cli"}),
     ("fedlearn.server.coordinator_base",
      {"fastapi", "starlette", "uvicorn", "httpx", "torch", "fedlearn.cli"}),
     ("fedlearn.server.secagg_round",

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from fedlearn.config import ServerConfig, TrainConfig, privacy_budget
-from fedlearn.errors import ConflictError, PayloadError, SecAggAbortedError
+from fedlearn.errors import ConflictError, PayloadError
 from fedlearn.rounds import (
     RoundFailed,
     RoundUpdates,
@@ -37,6 +37,7 @@ from fedlearn.server.coordinator_base import REPLAY_MEMORY, Coordinator, median
 from fedlearn.server.secagg_round import SecAggPlan, SecAggSettings
 from fedlearn.server.store import Store
 from fedlearn.server.sync_round import OpenRound, wire_for
+from fedlearn.server.sync_secagg import SecAggDriver
 from fedlearn.server.sync_types import DONE, WAIT, Evaluator, Task, eval_record
 from fedlearn.strategies import ServerState, Strategy, Update, sample_clients
 from fedlearn.types import Weights
@@ -52,7 +53,7 @@ PICKUP_SECONDS = 15.0
 RETURN_WAIT_SECONDS = 60.0
 
 
-class SyncCoordinator(Coordinator):
+class SyncCoordinator(SecAggDriver, Coordinator):
     """Runs ``config.rounds`` rounds of sampling, local training and ``strategy``.
 
     Clients get the extra arrays the strategy sends (SCAFFOLD's ``c``) with the
@@ -293,86 +294,6 @@ class SyncCoordinator(Coordinator):
         if self.secagg is not None:
             raise ConflictError("this run uses secure aggregation: send the masked update "
                                 "through /api/secagg (see docs/protocol.md), not /api/update.")
-
-    # -- secure aggregation (the stages live in server/secagg_round.py) ---------
-    def secagg_post(self, client_id: str, task_id: str, name: str, body: bytes,
-                    num_examples: int | None = None) -> dict[str, Any]:
-        """One client's message for a stage of its round's secure aggregation (its
-        ``num_examples`` with its keys)."""
-        with self._lock:
-            rnd = self._secagg_round(client_id, task_id)
-            agg = rnd.secagg
-            if agg is None:  # pragma: no cover - _secagg_round checks it
-                raise ConflictError("this round has no secure aggregation.")
-            agg.receive(client_id, name, body, num_examples)
-            if name == "advert":  # the client's training is over
-                rnd.received.setdefault(client_id, 0)
-                complete = len(rnd.received) == len(rnd.sampled)
-            else:
-                complete = agg.stage_complete()
-        if complete:
-            self.on_change()
-        return {"accepted": True, "round": rnd.number}
-
-    def secagg_fetch(self, client_id: str, task_id: str, name: str) -> dict[str, Any] | None:
-        """What a client needs before the stage ``name`` opens, or None until it opens."""
-        with self._lock:
-            agg = self._secagg_round(client_id, task_id).secagg
-            return None if agg is None else agg.fetch(client_id, name)
-
-    def _secagg_round(self, client_id: str, task_id: str) -> OpenRound:
-        rnd = self._round
-        if rnd is None or rnd.secagg is None or task_id != (
-                f"r{rnd.number}.{rnd.attempt}.{client_id}") or client_id not in rnd.sampled:
-            raise ConflictError(f"task {task_id} has no open secure aggregation (its round "
-                                "closed, failed or was never this client's); fetch a new task.")
-        return rnd
-
-    def _secagg_step(self, rnd: OpenRound, now: float, training: bool) -> str:
-        """Under the lock: close the training stage or a later one when due; ``wait``,
-        ``moved``, ``sum`` or ``abort: REASON``."""
-        agg = rnd.secagg
-        if agg is None:  # pragma: no cover
-            return "wait"
-        try:
-            if training:
-                agg.close_training(now)
-                outcome = "moved"
-            else:
-                outcome = agg.advance(now)
-        except SecAggAbortedError as exc:
-            outcome = f"abort: secure aggregation aborted: {str(exc).rstrip('.')}"
-        if outcome != "wait":
-            for cid in agg.missing():
-                self._clients[cid].dropped = True
-        if outcome == "moved":
-            self.on_change()
-        elif outcome != "wait":
-            self._closing = True
-        return outcome
-
-    def _finish_secagg(self, rnd: OpenRound) -> dict[str, Any] | None:
-        """Unmask the round's sum (outside the lock) into ``rnd.updates``; the record's
-        fields, or None when the round failed (recorded and run again)."""
-        if rnd.secagg is None:  # pragma: no cover
-            return None
-        try:
-            rnd.updates, fields = rnd.secagg.finish(self.clock)
-        except (SecAggAbortedError, RoundFailed, PayloadError) as exc:
-            reason = str(exc).rstrip(".")
-            if isinstance(exc, SecAggAbortedError):
-                reason = f"secure aggregation aborted: {reason}"
-            self._fail_round(rnd, reason)
-            return None
-        except Exception as exc:  # the stages are spent: this attempt cannot be retried
-            log.exception("round %d: unmasking the sum failed", rnd.number)
-            self._fail_round(rnd, f"unmasking the sum failed ({type(exc).__name__}: {exc})")
-            return None
-        except BaseException:
-            with self._lock:
-                self._closing = False
-            raise
-        return fields
 
     def seconds_to_deadline(self) -> float | None:
         """Seconds until the next deadline: the open round's or an evaluation's (or None)."""
