@@ -180,10 +180,12 @@ def check_sum(summed: SummedUpdate, dtypes: Mapping[str, np.dtype], *, norm_limi
     float arrays (``B`` is ``norm_limit``: the server's norm bound, or DP's clip
     norm), so the sum has ``0 < Σs ≤ count`` (``= count``), ``0 < Σw ≤ count``,
     ``0 ≤ Σu ≤ count`` and ``‖Σ s·δ‖ ≤ B·Σs`` (triangle inequality);
-    ``tolerance`` is the quantisation error allowed per coordinate. A sum
+    ``tolerance`` is the quantisation error allowed per coordinate (one level);
+    the slack is two levels per client, as a bound compares two coordinates that
+    were rounded apart (``s·k`` may round up where ``s`` rounds down). A sum
     outside these bounds proves that some client sent a vector outside its own.
     """
-    slack = tolerance * summed.count
+    slack = 2 * tolerance * summed.count
     if not summed.weight > slack:
         return f"the clients' example weights sum to {summed.weight:.4g}, not a positive number"
     if summed.weight > summed.count + slack:
