@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,28 @@ def kept_cells(name: str, setup: dict[str, Any]) -> dict[str, Any]:
     if old.get("setup") != setup:
         return {}
     return dict(old.get("cells", {}))
+
+
+def run_rounds(sim: Any, rounds: int,
+               progress: Callable[[int, float, float], None] | None = None) -> dict[str, Any]:
+    """Rounds 1..``rounds`` of a ``Simulation``: ``curve`` (test accuracy after each),
+    ``final_accuracy``, ``best_accuracy``, ``failed_rounds``, ``round_seconds``,
+    ``seconds`` (all of it) and ``engine``; ``progress(round, accuracy, seconds)`` after each."""
+    started = time.perf_counter()
+    curve: list[float] = []
+    failed: list[int] = []
+    seconds: list[float] = []
+    for rnd in range(1, rounds + 1):
+        rec = sim.run_round(rnd)
+        curve.append(float(rec["accuracy"]))
+        seconds.append(float(rec["seconds"]))
+        if "failed" in rec:
+            failed.append(rnd)
+        if progress is not None:
+            progress(rnd, curve[-1], seconds[-1])
+    return {"final_accuracy": curve[-1], "best_accuracy": max(curve), "curve": curve,
+            "failed_rounds": failed, "engine": type(sim.engine).__name__,
+            "seconds": time.perf_counter() - started, "round_seconds": seconds}
 
 
 def median(xs: list[float]) -> float:

@@ -41,12 +41,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import kept_cells, table, write_json
+from common import kept_cells, run_rounds, table, write_json
 
 NAME = "w5_robustness"
 CLIENTS = 20
@@ -97,18 +96,9 @@ def run_cell(rule: str, attack: str, rounds: int, clip_norm: float) -> dict[str,
     said: list[str] = []
     sim = Simulation(sim_config(rule, attack, rounds, clip_norm),
                      builtin_task("fashion-mnist", "mlp"), log=said.append)
-    started = time.perf_counter()
-    curve, failed, seconds = [], [], []
-    for rnd in range(1, rounds + 1):
-        rec = sim.run_round(rnd)
-        curve.append(float(rec["accuracy"]))
-        seconds.append(float(rec["seconds"]))
-        if "failed" in rec:
-            failed.append(rnd)
-    return {"final_accuracy": curve[-1], "best_accuracy": max(curve), "curve": curve,
-            "failed_rounds": failed, "attackers": sorted(sim.attackers.ids),
-            "engine": type(sim.engine).__name__, "notices": said,
-            "seconds": time.perf_counter() - started,
+    cell = run_rounds(sim, rounds)
+    seconds = cell.pop("round_seconds")
+    return {**cell, "attackers": sorted(sim.attackers.ids), "notices": said,
             "median_round_seconds": sorted(seconds)[len(seconds) // 2]}
 
 

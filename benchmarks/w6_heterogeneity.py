@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import kept_cells, table, write_json
+from common import kept_cells, run_rounds, table, write_json
 
 CLIENTS = 10
 PARTITION = "dirichlet:0.5"
@@ -99,21 +98,15 @@ def run_cell(model: str, strategy: str, options: dict[str, float],
     said: list[str] = []
     sim = Simulation(sim_config(model, strategy, options, rounds),
                      builtin_task("fashion-mnist", model), log=said.append)
-    started = time.perf_counter()
-    curve, failed, seconds = [], [], []
-    for rnd in range(1, rounds + 1):
-        rec = sim.run_round(rnd)
-        curve.append(float(rec["accuracy"]))
-        seconds.append(float(rec["seconds"]))
-        if "failed" in rec:
-            failed.append(rnd)
-        print(f"  {label(strategy, options)} round {rnd}: {100 * curve[-1]:.2f}% "
-              f"({seconds[-1]:.1f} s)", file=sys.stderr, flush=True)
+
+    def progress(rnd: int, accuracy: float, seconds: float) -> None:
+        print(f"  {label(strategy, options)} round {rnd}: {100 * accuracy:.2f}% "
+              f"({seconds:.1f} s)", file=sys.stderr, flush=True)
+
+    cell = run_rounds(sim, rounds, progress)
+    seconds = cell.pop("round_seconds")
     later = sorted(seconds[1:] or seconds)
-    return {"strategy": strategy, "options": options, "final_accuracy": curve[-1],
-            "best_accuracy": max(curve), "curve": curve, "failed_rounds": failed,
-            "engine": type(sim.engine).__name__, "notices": said,
-            "seconds": time.perf_counter() - started,
+    return {"strategy": strategy, "options": options, **cell, "notices": said,
             "median_round_seconds": later[len(later) // 2]}
 
 
