@@ -333,9 +333,9 @@ class SecAggRound:
         plan = self.plan
         summed = decode_sum(plan.layout, total, count)
         dp = self.dp_clip is not None
-        problem = check_sum(summed, plan.dtypes, tolerance=1.0 / self.params.scale,
-                            norm_limit=plan.norm_limit if self.dp_clip is None else min(
-                                plan.norm_limit, self.dp_clip), equal_weight=dp)
+        bound = plan.norm_limit if self.dp_clip is None else min(plan.norm_limit, self.dp_clip)
+        problem = check_sum(summed, plan.dtypes, norm_limit=bound,
+                            tolerance=1.0 / self.params.scale, equal_weight=dp)
         if problem is not None:
             raise RoundFailed(f"the unmasked sum is out of bounds ({problem})")
         updates = RoundUpdates(plan.strategy)
