@@ -27,7 +27,7 @@ from fedlearn.runs import RunDir, load_model_file  # noqa: E402
 from fedlearn.sim import SimConfig, Simulation, config_record, run_simulation  # noqa: E402
 from fedlearn.tasks import Task, builtin_task  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 BACKENDS = ("local", "ray")
 STRATEGIES = ("fedavg", "scaffold")
@@ -43,14 +43,6 @@ def local_ray() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train() -> TrainConfig:

@@ -13,12 +13,10 @@ from __future__ import annotations
 import json
 import re
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import fedlearn
 from fedlearn.runs import load_model_file
@@ -27,19 +25,10 @@ from tests.conftest import cli_env, run_cli
 from tests.integration.procs import Procs, endpoint, metrics, wait_until
 from tests.integration.test_federation_e2e import client_args, committed_round
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 CLIENTS = 3
 TRAIN = ["--optimizer", "sgd", "--lr", "0.05", "--batch-size", "32", "--local-epochs", "1"]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The in-process simulation trains on one thread, as each HTTP client does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def http_run(tmp_path: Path, name: str, flags: list[str], rounds: int, seed: int) -> Path:

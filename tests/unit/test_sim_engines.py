@@ -7,7 +7,6 @@ weights, rows, seed and optimizer, to float tolerance.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,17 +27,11 @@ from fedlearn.sim.vectorized import make_schedule
 from fedlearn.training import Shard, epoch_orders, local_update
 from fedlearn.types import Weights
 
+# Toy-sized tensors train fastest (and steadiest on a busy machine) on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SHAPE = (1, 4, 4)
 CLASSES = 3
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Toy-sized tensors train fastest (and steadiest on a busy machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def toy_data(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,6 @@ tolerance, integer buffers (BatchNorm's ``num_batches_tracked``) exactly.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -21,19 +20,13 @@ from fedlearn.sim.functional import FunctionalEngine, functional_unsupported_rea
 from fedlearn.training import epoch_orders
 from fedlearn.types import Weights
 
+# Toy-sized tensors train fastest (and steadiest on a busy machine) on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CLASSES = 3
 ROWS = 160
 # Uneven clients with short last batches (batch 8), one of a single row.
 SIZES = (37, 20, 5, 16, 1)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Toy-sized tensors train fastest (and steadiest on a busy machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class BatchNormCNN(nn.Module):

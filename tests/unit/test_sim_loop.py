@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from fedlearn.config import TrainConfig
 from fedlearn.data import Dataset, partition
@@ -22,14 +20,8 @@ from fedlearn.strategies import sample_clients
 from fedlearn.tasks import Task, array_task
 from fedlearn.training import Shard, local_update
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Toy-sized tensors train fastest (and steadiest on a busy machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Toy-sized tensors train fastest (and steadiest on a busy machine) on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def toy_dataset(n_train: int = 480, n_test: int = 120, seed: int = 0) -> Dataset:
@@ -204,6 +196,7 @@ def test_vectorized_runs_the_cnn_and_matches_sequential(tmp_path: Path) -> None:
         ({"seed": -1}, "--seed"),
     ],
 )
+
 def test_bad_config_is_one_clear_config_error(overrides: dict[str, object], words: str) -> None:
     values: dict[str, object] = {"clients": 8, "per_round": 3}
     values.update(overrides)

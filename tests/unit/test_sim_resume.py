@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
@@ -21,13 +19,8 @@ from fedlearn.sim import SimConfig, config_record, run_simulation
 from fedlearn.sim.checkpoint import CHECKPOINTS, STATE_FILE, load_checkpoint
 from fedlearn.tasks import builtin_task
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Toy-sized tensors train fastest (and steadiest on a busy machine) on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Stop(Exception):

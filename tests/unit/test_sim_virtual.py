@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from fedlearn.config import TrainConfig
 from fedlearn.data import partition
@@ -25,15 +23,10 @@ from fedlearn.training import Shard, initial_state, local_update
 from fedlearn.types import Weights
 from tests.unit.test_sim_loop import toy_dataset, toy_task
 
+# Toy-sized tensors train fastest (and steadiest on a busy machine) on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SGD = TrainConfig(optimizer="sgd", lr=0.1, batch_size=16)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def config(**overrides: Any) -> SimConfig:

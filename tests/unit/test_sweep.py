@@ -6,12 +6,10 @@ import csv
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
@@ -20,6 +18,9 @@ from fedlearn.errors import ConfigError
 from fedlearn.runs import load_model_file
 from fedlearn.sim import SimConfig
 from fedlearn.sweep import load_sweep, make_points, point_name, run_sweep
+
+# Toy-sized tensors train fastest (and steadiest on a busy machine) on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BASE = """
 [sim]
@@ -32,14 +33,6 @@ rounds = 2
 optimizer = "sgd"
 lr = 0.05
 """
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write(tmp_path: Path, text: str) -> Path:
