@@ -20,11 +20,13 @@ from tests.unit.test_sim_functional import (
     SIZES,
     assert_same,
     make_model,
-    one_torch_thread,  # noqa: F401 - autouse fixture
     prox_reference,
     tasks_of,
     toy_data,
 )
+
+# Toy-sized tensors train fastest (and steadiest on a busy machine) on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SGD = TrainConfig(optimizer="sgd", lr=0.1, batch_size=8, epochs=2)
 

@@ -19,7 +19,9 @@ from fedlearn.runs import RunDir
 from fedlearn.sim import SimConfig, Simulation, config_record, run_simulation
 from fedlearn.tasks import Task, builtin_task
 from fedlearn.types import Weights
-from tests.unit.test_sim_engines import one_torch_thread  # noqa: F401 - autouse fixture
+
+# Toy-sized tensors train fastest (and steadiest on a busy machine) on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DIGITS = builtin_task("digits", "mlp")
 ADAM = TrainConfig(epochs=1, batch_size=32, optimizer="adam", lr=0.01)
